@@ -1,0 +1,1 @@
+"""tokenmill: a self-hosted LLM inference platform."""

@@ -1,0 +1,1 @@
+"""The engine: requests and tokens. It knows nothing of HTTP, keys or money."""
