@@ -1,0 +1,120 @@
+"""LLMEngine: the synchronous engine core, one step at a time.
+
+    add_request -> Scheduler.waiting
+    step():  Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update_from_output()
+             -> OutputProcessor.process() -> list[RequestOutput]
+
+It is driven by one thread only (the offline LLM, or AsyncLLM's step thread); nothing in it is
+thread-safe, by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import EngineConfig, resolve_device, resolve_dtype
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.runner.model_runner import ModelRunner, kv_bytes_per_token
+from tokenmill.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """The prompt itself is unusable (empty, unknown token ids, or too long for the context)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int  # requests holding KV blocks and scheduled every step
+    num_waiting: int  # queued or preempted requests
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        """`loaded` reuses weights already in memory (read-only, so engines may share them)."""
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        started = time.monotonic()
+        loaded = loaded or load_model(config.model, dtype, device)
+        self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, dtype))
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = self.config.scheduler.max_model_len
+        self.runner = ModelRunner(loaded, self.config.cache, device, dtype)
+        self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
+                                   loaded.config.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens, context %d, in %.1fs",
+            loaded.config.architecture, device, str(dtype).removeprefix("torch."),
+            self.config.cache.num_blocks, self.config.cache.block_size, self.max_model_len,
+            time.monotonic() - started,
+        )
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise PromptError unless this prompt can be served; pure, safe from any thread."""
+        if not prompt_token_ids:
+            raise PromptError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise PromptError(f"prompt token ids must be in [0, {vocab})")
+        budget = len(prompt_token_ids) + (params.max_tokens or 1)
+        if budget > self.max_model_len:
+            raise PromptError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"prompt has {len(prompt_token_ids)} and {params.max_tokens or 1} more were asked"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue one user request; n > 1 fans out into n choices sharing the prompt's blocks."""
+        if self.output_processor.has_group(request_id):
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_prompt(prompt_token_ids, params)
+        first: Request | None = None
+        choices = []
+        for index in range(params.n):
+            engine_id = request_id if params.n == 1 else f"{request_id}-{index}"
+            req = Request(engine_id, list(prompt_token_ids), params, group_id=request_id,
+                          index=index, prefix_source=first)
+            first = first or req
+            choices.append(req)
+        self.output_processor.add(choices)
+        for req in choices:
+            self.scheduler.add_request(req)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Abort every unfinished choice of a user request; returns their final outputs."""
+        ids = self.output_processor.unfinished_ids(request_id)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        return self.output_processor.abort(ids)
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        runner_out = self.runner.execute(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        outputs, stopped = self.output_processor.process(updated, runner_out)
+        if stopped:  # stop strings end requests after the scheduler has seen the token
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting,
+                           self.scheduler.kv_cache_usage)
