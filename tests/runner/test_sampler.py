@@ -1,0 +1,295 @@
+"""Sampler on hand-made logits: every SamplingParams field, exact values."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from tokenmill.engine.request import Request
+from tokenmill.runner.sampler import (
+    Sampler,
+    apply_repetition_penalty,
+    filter_logits,
+    process_logits,
+)
+from tokenmill.sampling_params import SamplingParams
+
+INF = float("inf")
+EOS = 0
+
+
+def req(prompt=(5,), output=(), rid="r", **params) -> Request:
+    return Request(rid, list(prompt), SamplingParams(**params), output_token_ids=list(output))
+
+
+def rows(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --- greedy and temperature -------------------------------------------------------------------
+
+
+def test_greedy_is_argmax_lowest_id_on_ties():
+    logits = rows([0.0, 3.0, 1.0, 3.0], [9.0, -1.0, 0.0, 0.0], [-2.0, -1.0, -1.0, -3.0])
+    out = Sampler(4, (EOS,))(logits, [req(temperature=0.0) for _ in range(3)])
+    assert out.token_ids == [1, 0, 1]
+    assert out.logprobs == [None, None, None]
+
+
+def test_padded_vocab_columns_are_never_sampled():
+    logits = rows([0.0, 1.0, 2.0, 50.0, 50.0])  # columns 3, 4: padding past vocab_size 3
+    sampler = Sampler(3, (EOS,))
+    assert sampler(logits, [req(temperature=0.0)]).token_ids == [2]
+    assert sampler(logits, [req(temperature=1.0, seed=1)]).token_ids[0] < 3
+
+
+def test_temperature_divides_logits_before_the_race():
+    logits = rows([1.0, 2.0, 0.5, -1.0, 0.0, 1.5])
+    for seed in range(20):
+        token = Sampler(6, (EOS,))(logits, [req(temperature=0.7, seed=seed)]).token_ids[0]
+        q = torch.empty(6).exponential_(generator=torch.Generator().manual_seed(seed))
+        assert token == int(((logits[0] / 0.7).softmax(-1) / q).argmax())
+
+
+def test_low_temperature_concentrates_and_high_temperature_spreads():
+    logits = rows([0.0, 1.0])
+    cold = [req(temperature=0.05, seed=s) for s in range(300)]  # p(token 0) = e^-20
+    assert set(Sampler(2, (EOS,))(logits.expand(300, 2), cold).token_ids) == {1}
+    hot = [req(temperature=2.0, seed=s) for s in range(2000)]
+    share = Sampler(2, (EOS,))(logits.expand(2000, 2), hot).token_ids.count(0) / 2000
+    assert abs(share - 1 / (1 + math.exp(0.5))) < 0.03  # 0.378
+
+
+# --- top_k, top_p, min_p ----------------------------------------------------------------------
+
+
+def kept(logits, top_k=None, top_p=None, min_p=None) -> list[list[int]]:
+    def t(values, dtype):
+        return None if values is None else torch.tensor(values, dtype=dtype)
+
+    out = filter_logits(logits, t(top_k, torch.long), t(top_p, torch.float32), t(min_p, torch.float32))
+    return [torch.nonzero(row > -INF).flatten().tolist() for row in out]
+
+
+def test_top_k_keeps_the_k_largest_and_boundary_ties():
+    logits = rows(*[[1.0, 4.0, 3.0, 2.0, 4.0]] * 4)
+    assert kept(logits, top_k=[1, 2, 3, 0]) == [[1, 4], [1, 4], [1, 2, 4], [0, 1, 2, 3, 4]]
+    # Kept logits are untouched.
+    assert filter_logits(logits[:1], torch.tensor([3]), None, None).tolist() == [
+        [-INF, 4.0, 3.0, -INF, 4.0]
+    ]
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    logits = rows([0.1, 0.0, 0.3, 0.2, 0.05, 0.25]).expand(500, 6)
+    out = Sampler(6, (EOS,))(logits, [req(top_k=2, seed=s) for s in range(500)])
+    assert set(out.token_ids) == {2, 5}
+
+
+DYADIC = torch.log(torch.tensor([[0.125, 0.5, 0.125, 0.25]]))  # softmax is exactly these
+
+
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [
+        (1.0, [0, 1, 2, 3]),
+        (0.1, [1]),  # always at least the most likely token
+        (0.5, [1]),  # 0.5 reached exactly by the first token
+        (0.5001, [1, 3]),
+        (0.75, [1, 3]),  # reached exactly by two tokens
+        (0.7501, [0, 1, 3]),  # equal probabilities: the lower id comes first
+        (0.875, [0, 1, 3]),
+        (0.9, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    assert kept(DYADIC, top_p=[top_p]) == [expected]
+
+
+def test_top_p_applies_after_top_k():
+    # top_k=2 leaves {1: 2/3, 3: 1/3}; top_p=0.6 then keeps token 1 alone.
+    assert kept(DYADIC, top_k=[2], top_p=[0.6]) == [[1]]
+    assert kept(DYADIC, top_k=[2], top_p=[0.7]) == [[1, 3]]
+
+
+@pytest.mark.parametrize(
+    "min_p, expected",
+    [(0.0, [0, 1, 2, 3]), (0.25, [0, 1, 2, 3]), (0.26, [1, 3]), (0.5, [1, 3]), (1.0, [1])],
+)
+def test_min_p_drops_tokens_below_min_p_times_max(min_p, expected):
+    assert kept(DYADIC, min_p=[min_p]) == [expected]
+
+
+def test_filters_are_per_row():
+    logits = torch.cat([DYADIC, DYADIC, DYADIC])
+    assert kept(logits, top_k=[1, 0, 0], top_p=[1.0, 0.6, 1.0], min_p=[0.0, 0.0, 0.3]) == [
+        [1],
+        [1, 3],
+        [1, 3],
+    ]
+
+
+def test_sampling_respects_top_p_and_min_p():
+    logits = DYADIC.expand(400, 4)
+    out = Sampler(4, (EOS,))(logits, [req(top_p=0.75, seed=s) for s in range(400)])
+    assert set(out.token_ids) == {1, 3}
+    out = Sampler(4, (EOS,))(logits, [req(min_p=0.3, seed=s) for s in range(400)])
+    assert set(out.token_ids) == {1, 3}
+
+
+# --- logit processing: bias, min_tokens, penalties -------------------------------------------
+
+
+def test_logit_bias_is_added():
+    logits = rows([1.0, 2.0, 3.0, 4.0])
+    out = process_logits(logits, [req(logit_bias={1: 5.0, 3: -100.0, 99: 1.0})], (EOS,))
+    assert out.tolist() == [[1.0, 7.0, 3.0, -96.0]]
+    assert logits.tolist() == [[1.0, 2.0, 3.0, 4.0]]  # input untouched
+
+
+def test_logit_bias_forces_a_token():
+    logits = rows([5.0, 0.0, 0.0])
+    assert Sampler(3, (EOS,))(logits, [req(temperature=0.0, logit_bias={2: 100.0})]).token_ids == [2]
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = rows(*[[1.0, 2.0, 3.0, 4.0, 5.0]] * 4)
+    requests = [
+        req(output=[4], min_tokens=2, stop_token_ids=(3,)),  # 1 < 2: masked
+        req(output=[4], min_tokens=2, stop_token_ids=(3,), ignore_eos=True),  # EOS masked anyway
+        req(output=[4, 4], min_tokens=2, stop_token_ids=(3,)),  # reached: nothing masked
+        req(output=[], min_tokens=0, stop_token_ids=(3,)),
+    ]
+    assert process_logits(logits, requests, (EOS, 2)).tolist() == [
+        [-INF, 2.0, -INF, -INF, 5.0],
+        [-INF, 2.0, -INF, -INF, 5.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+    ]
+
+
+def test_min_tokens_stops_greedy_from_ending():
+    logits = rows([9.0, 1.0, 2.0])
+    out = Sampler(3, (EOS,))(logits, [req(temperature=0.0, min_tokens=1)])
+    assert out.token_ids == [2]
+
+
+def test_repetition_penalty_over_prompt_and_output():
+    logits = rows([2.0, -2.0, 1.0, -1.0, 0.5, 0.0])
+    r = req(prompt=[0, 5], output=[1, 1], repetition_penalty=2.0)
+    assert process_logits(logits, [r], (EOS,)).tolist() == [[1.0, -4.0, 1.0, -1.0, 0.5, 0.0]]
+
+
+def test_repetition_penalty_matches_transformers():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=gen)
+    token_ids = torch.randint(0, 50, (3, 12), generator=gen)
+    for penalty in (0.5, 1.3, 2.0):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(token_ids, logits.clone())
+        got = apply_repetition_penalty(logits, token_ids, torch.full((3,), penalty))
+        assert torch.equal(got, expected)
+        requests = [req(prompt=ids[:7], output=ids[7:], repetition_penalty=penalty) for ids in token_ids.tolist()]
+        assert torch.equal(process_logits(logits, requests, (EOS,)), expected)
+
+
+def test_presence_and_frequency_penalties_over_output_only():
+    logits = rows([1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    requests = [
+        req(prompt=[0, 1], output=[2, 2, 3], presence_penalty=0.5, frequency_penalty=0.25),
+        req(prompt=[0, 1], output=[2, 2, 3], presence_penalty=-1.0, frequency_penalty=-0.5),
+    ]
+    assert process_logits(logits, requests, (EOS,)).tolist() == [
+        [1.0, 1.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 1.0],
+        [1.0, 1.0, 1.0 + 1.0 + 1.0, 1.0 + 1.0 + 0.5, 1.0],
+    ]
+
+
+def test_processing_order_and_row_isolation():
+    logits = rows([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    # bias (1 -> 2), then repetition (2 / 2 = 1), then presence+frequency (1 - 0.5 - 0.5 = 0).
+    r = req(prompt=[1], output=[1], logit_bias={1: 1.0}, repetition_penalty=2.0,
+            presence_penalty=0.5, frequency_penalty=0.5)
+    assert process_logits(logits, [r, req()], (EOS,)).tolist() == [
+        [1.0, 0.0, 1.0, 1.0],
+        [1.0, 1.0, 1.0, 1.0],
+    ]
+
+
+# --- logprobs ---------------------------------------------------------------------------------
+
+
+def test_logprobs_are_log_softmax_of_processed_logits_before_temperature():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 32, generator=gen)
+    requests = [
+        req(temperature=0.0, logprobs=0),
+        req(temperature=0.5, top_k=3, seed=7, logprobs=20, logit_bias={4: 2.0}),
+        req(temperature=0.0),
+    ]
+    out = Sampler(32, (EOS,))(logits, requests)
+    expected = process_logits(logits, requests, (EOS,)).log_softmax(-1)
+
+    first, second, third = out.logprobs
+    assert third is None
+    assert first.token_id == out.token_ids[0] == int(logits[0].argmax())
+    assert first.logprob == expected[0, first.token_id].item()
+    assert first.top == []
+
+    assert second.token_id == out.token_ids[1]
+    assert second.logprob == expected[1, second.token_id].item()
+    order = expected[1].argsort(descending=True)[:20].tolist()
+    assert [t for t, _ in second.top] == order
+    assert [lp for _, lp in second.top] == expected[1, order].tolist()
+    assert all(a >= b for (_, a), (_, b) in zip(second.top, second.top[1:]))
+
+
+def test_logprobs_of_a_masked_token_is_minus_inf():
+    logits = rows([5.0, 0.0, 0.0])
+    out = Sampler(3, (EOS,))(logits, [req(temperature=0.0, min_tokens=1, logprobs=3)])
+    assert out.logprobs[0].top[-1] == (EOS, -INF)
+
+
+# --- per-request seeds ------------------------------------------------------------------------
+
+TARGET = dict(temperature=0.8, top_k=20, top_p=0.95, presence_penalty=0.3, seed=1234)
+OTHERS = [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=1.0, seed=99),
+    dict(temperature=0.5, top_p=0.5, seed=5),
+    dict(temperature=1.3, min_p=0.1, repetition_penalty=1.5),
+    dict(temperature=0.0, frequency_penalty=1.0, logprobs=5),
+    dict(temperature=0.9, top_k=3, seed=1234),
+]
+
+
+def run_target(params: dict, batched: bool, steps: int = 50) -> list[int]:
+    """Draw `steps` tokens for one request, alone or moving through a batch of 8."""
+    vocab = 64
+    step_logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(42)) * 3
+    target = req(rid="target", **params)
+    others = [req(rid=f"o{i}", **p) for i, p in enumerate(OTHERS)]
+    sampler = Sampler(vocab, (EOS,))
+    for step in range(steps):
+        if batched:
+            pos = step % 8
+            batch = others[:pos] + [target] + others[pos:]
+            noise = torch.randn(8, vocab)  # the other rows see different logits
+            logits = torch.cat([noise[:pos], step_logits[step : step + 1], noise[pos + 1 :]])
+        else:
+            pos, batch, logits = 0, [target], step_logits[step : step + 1]
+        token_ids = sampler(logits, batch).token_ids
+        for r, t in zip(batch, token_ids):
+            r.output_token_ids.append(t)
+    return target.output_token_ids
+
+
+def test_same_seed_same_tokens_alone_or_in_any_batch_position():
+    alone = run_target(TARGET, batched=False)
+    assert run_target(TARGET, batched=True) == alone
+    assert len(set(alone)) > 5  # it really samples
+
+
+def test_different_seeds_differ():
+    assert run_target(TARGET, batched=False) != run_target({**TARGET, "seed": 4321}, batched=False)
