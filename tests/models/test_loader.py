@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.models.gguf_loader import hf_name, unpermute_rope
+from tokenmill.models.loader import load_model
+from tokenmill.models.registry import model_class
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("sub", ["", "sharded"])
+def test_hf_checkpoint_loads_every_weight_exactly(tiny_llama_dir, sub):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_llama_dir / sub
+    if sub:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    loaded = load_model(str(path), torch.float32, CPU)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)
+    ours = dict(loaded.model.named_parameters())
+    assert set(ours) == set(dict(ref.named_parameters()))
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(ours[name], p, rtol=0, atol=0)
+    assert loaded.config.eos_token_ids == (2, 7)
+    assert loaded.config.num_key_value_heads == 2 and loaded.config.architecture == "LlamaForCausalLM"
+    assert loaded.tokenizer.convert_tokens_to_ids("t5") == 5
+
+
+def test_dtype_is_applied_to_weights_not_rope(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir), torch.bfloat16, CPU)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.model.rope.dtype == torch.float32
+
+
+def test_missing_spec_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a .gguf"):
+        load_model(str(tmp_path / "nope"), torch.float32, CPU)
+
+
+def test_gguf_names_map_to_hf_names():
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
+    assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert hf_name("output.weight") == "lm_head.weight"
+    assert hf_name("rope_freqs.weight") is None
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    # llama.cpp convert_hf_to_gguf.py: reshape(n_head, 2, D/2, ...).swapaxes(1, 2)
+    n_head, d, h = 3, 8, 5
+    w = torch.arange(n_head * d * h, dtype=torch.float32).reshape(n_head * d, h).numpy()
+    permuted = w.reshape(n_head, 2, d // 2, h).swapaxes(1, 2).reshape(w.shape)
+    assert (unpermute_rope(permuted, n_head) == w).all()
+
+
+def test_default_gguf_config_and_tokenizer(loaded_default_model):
+    c = loaded_default_model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.vocab_size, c.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert loaded_default_model.model.lm_head is None
+    tok = loaded_default_model.tokenizer
+    assert tok.convert_ids_to_tokens(list(c.eos_token_ids)) == ["<|im_end|>"]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _config(**kw) -> ModelConfig:
+    base = dict(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=8,
+                intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                max_position_embeddings=4096, tie_word_embeddings=False, eos_token_ids=(2,))
+    return ModelConfig(**base | kw)
+
+
+def test_registry_supports_llama_and_full_window_mistral():
+    from tokenmill.models.llama import LlamaForCausalLM
+
+    assert model_class(_config()) is LlamaForCausalLM
+    assert model_class(_config(architecture="MistralForCausalLM")) is LlamaForCausalLM
+    assert model_class(_config(architecture="MistralForCausalLM", sliding_window=4096)) \
+        is LlamaForCausalLM
+    assert model_class(_config(architecture="MistralForCausalLM", sliding_window=1024),
+                       max_model_len=1024) is LlamaForCausalLM
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(architecture="MistralForCausalLM", sliding_window=1024), "sliding window"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+    (dict(architecture="Qwen2ForCausalLM"), "Qwen2"),
+    (dict(architecture="MixtralForCausalLM"), "Mixtral"),
+    (dict(architecture="GPT2LMHeadModel"), "not supported"),
+])
+def test_registry_rejects_later_issues_clearly(kw, match):
+    with pytest.raises(NotImplementedError, match=match):
+        model_class(_config(**kw))

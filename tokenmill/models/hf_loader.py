@@ -1,0 +1,62 @@
+"""Hugging Face checkpoint-directory source for the model-loading stage.
+
+config.json, tokenizer files (with the chat template from tokenizer_config.json),
+generation_config.json's eos ids, and single or sharded safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def load_hf_config_and_tokenizer(path: Path):
+    """(hf_config, tokenizer) from the checkpoint directory."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """eos_token_id of generation_config.json (an int or a list), () when absent."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return ()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files: the shards named by the index, or the single file."""
+    if (path / INDEX).exists():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / SINGLE).exists():
+        return [path / SINGLE]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{path}: no safetensors weights (.bin checkpoints are not read)")
+    return found
+
+
+def iter_hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of every shard, with a progress bar over tensors."""
+    from safetensors import safe_open
+
+    files = safetensors_files(path)
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    with tqdm(total=total, desc=f"loading {path.name}", unit="tensor") as bar:
+        for handle in handles:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+                bar.update()

@@ -1,0 +1,125 @@
+"""Llama (and Mistral without sliding window): the model stage, one flat batch at a time.
+
+Input is the step's tokens from many requests concatenated ([T]) with their positions; attention
+over each request's own paged KV cache is delegated to the step's `AttentionMetadata`. Parameter
+names are Hugging Face's, so a HF state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.runner.attention import AttentionMetadata
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as in the reference implementation."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, H] -> [T, H]
+        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+def rope_cache(head_dim: int, max_positions: int, theta: float) -> Tensor:
+    """cos and sin of every position, [P, 2, D] float32, frequencies repeated (rotate-half)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+    return torch.stack([emb.cos(), emb.sin()], dim=1)  # [P, 2, D]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, D]; cos/sin [T, 1, D]. Rotates pairs (i, i + D/2), as HF's rotate_half."""
+    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D/2] each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMetadata,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attn.forward(q, k, v, *kv_cache)  # [T, Hq, D]
+        return self.o_proj(o.view(t, -1))  # [T, H]
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, H] -> [T, H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(c)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn, kv_cache):  # x [T, H] -> [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # Tied embeddings: no lm_head parameter at all; the logits reuse embed_tokens.weight.
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        # Built on the CPU even under a meta-device context; the loader moves it with the model.
+        with torch.device("cpu"):
+            cache = rope_cache(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope", cache, persistent=False)  # [P, 2, D] float32
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionMetadata,
+                kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """input_ids, positions [T] -> final-normed hidden states [T, H]."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rope[positions].to(x.dtype).unsqueeze(2).unbind(1)  # [T, 1, D] each
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, attn, kv_cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, H] -> logits [N, V] float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,130 @@
+"""Attention over the paged KV cache: the backend seam of the runner stage.
+
+A backend is an `AttentionMetadata` subclass: `build()` turns one step's rows (query length,
+context length, block table) into index tensors ONCE per step, and `forward()` is called by every
+layer to write the step's new K/V into that layer's cache and attend. The plain-PyTorch backend
+here runs everywhere; flash / paged kernels are later subclasses.
+
+Cache layout, per layer: K and V are each [num_blocks, block_size, num_kv_heads, head_dim]; token
+`p` of a request lives in slot `block_table[p // block_size] * block_size + p % block_size`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AttentionMetadata(ABC):
+    """One step's attention inputs, shared by all layers."""
+
+    @classmethod
+    @abstractmethod
+    def build(cls, query_lens: list[int], context_lens: list[int],
+              block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> AttentionMetadata:
+        """Rows in batch order; `context_lens[i]` counts row i's tokens in the cache after this
+        step (computed + new). Rows with query length 1 must come first."""
+
+    @abstractmethod
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> attention output [T, Hq, D]."""
+
+
+@dataclass
+class _Chunk:
+    """A prefill chunk: rows [start, end) of the flat batch, one request."""
+
+    start: int
+    end: int
+    slots: Tensor | None  # [L] int64 cache slots of the context; None: no earlier context
+    mask: Tensor | None  # [n, L] bool, True = attend; None: plain causal over the chunk itself
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """Plain-PyTorch backend: decode rows as one padded batch, prefill chunks one at a time."""
+
+    slot_mapping: Tensor  # [T] int64: cache slot of each new token
+    num_decodes: int  # B: the first B rows have query length 1
+    decode_slots: Tensor  # [B, Lmax] int64: context slots of each decode row (padding -> 0)
+    decode_mask: Tensor  # [B, 1, 1, Lmax] bool: True on a row's real context positions
+    chunks: list[_Chunk]  # prefill chunks after the decode rows, in batch order
+
+    @classmethod
+    def build(cls, query_lens, context_lens, block_tables, block_size, device):
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        assert all(n > 1 for n in query_lens[num_decodes:]), "rows of query length 1 come first"
+        width = max(len(bt) for bt in block_tables)
+        tables = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables],
+                              dtype=torch.long)  # [R, W]
+        qlens = torch.tensor(query_lens, dtype=torch.long)  # [R]
+        clens = torch.tensor(context_lens, dtype=torch.long)  # [R]
+
+        # New tokens: row of each token and its position in its request.
+        row = torch.repeat_interleave(torch.arange(len(query_lens)), qlens)  # [T]
+        starts = torch.cumsum(qlens, 0) - qlens  # [R] first flat index of each row
+        pos = clens[row] - qlens[row] + torch.arange(len(row)) - starts[row]  # [T]
+        slot_mapping = _slots(tables[row], pos, block_size)  # [T]
+
+        # Decode rows: one padded [B, Lmax] gather.
+        lmax = int(clens[:num_decodes].max()) if num_decodes else 0
+        ctx = torch.arange(lmax)  # [Lmax]
+        decode_slots = _slots(tables[:num_decodes, None, :].expand(-1, lmax, -1),
+                              ctx.expand(num_decodes, lmax), block_size)  # [B, Lmax]
+        decode_mask = (ctx[None, :] < clens[:num_decodes, None])[:, None, None, :]  # [B,1,1,Lmax]
+
+        chunks = []
+        for i in range(num_decodes, len(query_lens)):
+            start, n, length = int(starts[i]), query_lens[i], context_lens[i]
+            if length == n:  # no earlier context: attend within the chunk, causally
+                chunks.append(_Chunk(start, start + n, None, None))
+                continue
+            ctx_pos = torch.arange(length)  # [L]
+            slots = _slots(tables[i].expand(length, -1), ctx_pos, block_size)  # [L]
+            q_pos = torch.arange(length - n, length)  # [n]
+            mask = ctx_pos[None, :] <= q_pos[:, None]  # [n, L]
+            chunks.append(_Chunk(start, start + n, slots.to(device), mask.to(device)))
+        return cls(slot_mapping.to(device), num_decodes, decode_slots.to(device),
+                   decode_mask.to(device), chunks)
+
+    def forward(self, q, k, v, k_cache, v_cache):
+        num_kv_heads, head_dim = k_cache.shape[-2:]
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D], S = blocks * block_size
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
+        k_flat.index_copy_(0, self.slot_mapping, k)
+        v_flat.index_copy_(0, self.slot_mapping, v)
+        out = torch.empty_like(q)  # [T, Hq, D]
+        b = self.num_decodes
+        if b:
+            qd = q[:b].unsqueeze(2)  # [B, Hq, 1, D]
+            kd = k_flat[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vd = v_flat[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
+                                                enable_gqa=True)  # [B, Hq, 1, D]
+            out[:b] = od.squeeze(2)
+        for c in self.chunks:
+            qc = q[c.start:c.end].transpose(0, 1)  # [Hq, n, D]
+            if c.slots is None:
+                kc = k[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
+                vc = v[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
+            else:
+                kc = k_flat[c.slots].transpose(0, 1)  # [Hkv, L, D]
+                vc = v_flat[c.slots].transpose(0, 1)  # [Hkv, L, D]
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask,
+                                                is_causal=c.mask is None,
+                                                enable_gqa=True)  # [Hq, n, D]
+            out[c.start:c.end] = oc.transpose(0, 1)
+        return out
+
+
+def _slots(tables: Tensor, pos: Tensor, block_size: int) -> Tensor:
+    """Cache slot of position `pos` given the block table of its row: tables [..., W], pos [...]."""
+    block = torch.gather(tables, -1, (pos // block_size).unsqueeze(-1)).squeeze(-1)  # [...]
+    return block * block_size + pos % block_size
