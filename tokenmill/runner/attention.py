@@ -76,9 +76,10 @@ class TorchAttentionMetadata(AttentionMetadata):
         # Decode rows: one padded [B, Lmax] gather.
         lmax = int(clens[:num_decodes].max()) if num_decodes else 0
         ctx = torch.arange(lmax)  # [Lmax]
+        valid = ctx[None, :] < clens[:num_decodes, None]  # [B, Lmax]
         decode_slots = _slots(tables[:num_decodes, None, :].expand(-1, lmax, -1),
-                              ctx.expand(num_decodes, lmax), block_size)  # [B, Lmax]
-        decode_mask = (ctx[None, :] < clens[:num_decodes, None])[:, None, None, :]  # [B,1,1,Lmax]
+                              ctx.expand(num_decodes, lmax), block_size) * valid  # [B, Lmax]
+        decode_mask = valid[:, None, None, :]  # [B, 1, 1, Lmax]
 
         chunks = []
         for i in range(num_decodes, len(query_lens)):

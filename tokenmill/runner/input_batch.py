@@ -1,0 +1,68 @@
+"""Runner stage, step 1: SchedulerOutput -> one flat batch of tensors.
+
+Every scheduled chunk contributes the tokens [num_computed_tokens, num_computed_tokens + n) of its
+request. INVARIANT: this runs before the scheduler advances num_computed_tokens, and the
+request's block_ids already cover num_computed_tokens + n tokens. Rows with one new token (decodes)
+are placed first, so attention can handle them as one padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenmill.engine.outputs import ScheduledRequest
+from tokenmill.engine.request import Request
+from tokenmill.runner.attention import AttentionMetadata, TorchAttentionMetadata
+
+
+@dataclass
+class InputBatch:
+    rows: list[ScheduledRequest]  # batch order: query length 1 first, then the others
+    input_ids: Tensor  # [T] int64
+    positions: Tensor  # [T] int64
+    attn: AttentionMetadata  # index tensors shared by all layers
+    sample_indices: Tensor  # [S] int64: flat index of the last token of each sampling row
+    sample_requests: list[Request]  # the S requests sampled this step, in batch order
+
+    @classmethod
+    def build(cls, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
+              backend: type[AttentionMetadata] = TorchAttentionMetadata) -> InputBatch:
+        rows = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # stable
+        input_ids: list[int] = []
+        positions: list[int] = []
+        sample_indices: list[int] = []
+        for s in rows:
+            start = s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids += token_slice(s.request, start, end)
+            positions += range(start, end)
+            if s.samples:
+                sample_indices.append(len(input_ids) - 1)
+        attn = backend.build(
+            query_lens=[s.num_new_tokens for s in rows],
+            context_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in rows],
+            block_tables=[s.request.block_ids for s in rows],
+            block_size=block_size,
+            device=device,
+        )
+        return cls(
+            rows=rows,
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            attn=attn,
+            sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+            sample_requests=[s.request for s in rows if s.samples],
+        )
+
+
+def token_slice(req: Request, start: int, end: int) -> list[int]:
+    """req.all_token_ids[start:end] without concatenating the whole prompt and output."""
+    p = req.num_prompt_tokens
+    if end <= p:
+        return req.prompt_token_ids[start:end]
+    if start >= p:
+        return req.output_token_ids[start - p:end - p]
+    return req.prompt_token_ids[start:] + req.output_token_ids[:end - p]

@@ -1,0 +1,60 @@
+"""Runner stage: owns the model and the paged KV cache; one SchedulerOutput in, sampled ids out.
+
+`execute` builds the flat batch, runs the model over the cache, gathers the last hidden state of
+each row whose chunk reaches its request's last known token, and samples those rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
+from tokenmill.engine.request import Request
+from tokenmill.models.loader import LoadedModel
+from tokenmill.runner.input_batch import InputBatch
+from tokenmill.runner.sampler import Sampler
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one token over all layers (what EngineConfig.resolve divides by)."""
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    return per_layer * config.num_hidden_layers
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, cache_config: CacheConfig, device: torch.device,
+                 dtype: torch.dtype):
+        if cache_config.num_blocks <= 0:
+            raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
+        c = loaded.config
+        self.model = loaded.model
+        self.config = c
+        self.device = device
+        self.block_size = cache_config.block_size
+        # One allocation, zeroed: padded gathers read slots that were never written.
+        self.kv_cache = torch.zeros(
+            c.num_hidden_layers, 2, cache_config.num_blocks, cache_config.block_size,
+            c.num_key_value_heads, c.head_dim, dtype=dtype, device=device,
+        )  # [layers, K/V, num_blocks, block_size, Hkv, D]
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
+
+    @torch.inference_mode()
+    def compute_logits(self, sched_out: SchedulerOutput) -> tuple[list[Request], Tensor]:
+        """Run the step's forward pass; the sampling requests and their logits [S, V] float32."""
+        batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, H]
+        return batch.sample_requests, self.model.compute_logits(hidden[batch.sample_indices])
+
+    @torch.inference_mode()
+    def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        if sched_out.is_empty:
+            return RunnerOutput([], [], [])
+        requests, logits = self.compute_logits(sched_out)
+        if not requests:
+            return RunnerOutput([], [], [])
+        out = self.sampler(logits, requests)
+        return RunnerOutput([r.request_id for r in requests], list(out.token_ids),
+                            list(out.logprobs))
