@@ -1,0 +1,87 @@
+"""A scripted stand-in for AsyncLLM (same interface) so route logic tests run in milliseconds.
+
+Tokens are characters: id = ord(c). Every choice replies REPLY one character per output, so the
+expected text, usage and logprobs are known exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+
+REPLY = "Hello there, friend."
+
+
+class CharTokenizer:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@dataclass
+class Stats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class FakeEngine:
+    def __init__(self, max_model_len: int = 256, delay: float = 0.0):
+        self.tokenizer = CharTokenizer()
+        self.model_config = SimpleNamespace(vocab_size=1000, eos_token_ids=(0,))
+        self.max_model_len = max_model_len
+        self.delay = delay  # seconds between outputs
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.calls: list[tuple[list[int], object, str]] = []
+        self.healthy = True
+
+    async def generate(self, prompt_token_ids, params, request_id):
+        self.calls.append((list(prompt_token_ids), params, request_id))
+        self.running.add(request_id)
+        finished = 0
+        try:
+            reply = REPLY
+            for stop in params.stop:
+                if stop in reply:
+                    reply = reply[:reply.index(stop)]
+            limit = min(len(reply), params.max_tokens)
+            for pos in range(limit):
+                for index in range(params.n):
+                    await asyncio.sleep(self.delay)
+                    last = pos == limit - 1
+                    tok = ord(reply[pos])
+                    lp = []
+                    if params.logprobs is not None:
+                        lp = [TokenLogprobs(tok, -0.5, [(tok, -0.5), (ord("x"), -1.5)][:params.logprobs])]
+                    reason = None
+                    if last:
+                        reason = "length" if params.max_tokens < len(reply) else "stop"
+                    finished += last
+                    yield RequestOutput(request_id, index, [tok], reply[pos], lp, reason, None,
+                                        len(prompt_token_ids), 0, pos + 1)
+        finally:
+            self.running.discard(request_id)
+            if finished < params.n:
+                self.aborted.append(request_id)
+
+    def abort(self, request_id):
+        pass
+
+    def stats(self):
+        return Stats(num_running=len(self.running))
+
+    def is_healthy(self):
+        return self.healthy
+
+    async def shutdown(self):
+        pass

@@ -1,0 +1,374 @@
+"""Route logic against a scripted engine (no model): response shapes, streaming framing, errors,
+auth, limits and aborts. The real-model behaviour is in test_openai_server.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from fakes import REPLY, FakeEngine
+from tokenmill.server.app import build_app
+from tokenmill.server.auth import KeyStore, ensure_admin_key
+from tokenmill.server.pricing import Price
+from tokenmill.server.state import ServerSettings
+
+MODEL = "fake-model"
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def key_store(tmp_path):
+    return KeyStore(tmp_path / "keys.json")
+
+
+@pytest.fixture
+def admin_key(key_store, tmp_path):
+    return ensure_admin_key(key_store, tmp_path)
+
+
+def make_client(engine, key_store, **overrides):
+    settings = ServerSettings(model_id=MODEL, price=Price(0.02, 0.04), key_store=key_store,
+                              created=1700000000, **overrides)
+    app = build_app(engine, settings)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), app
+
+
+@pytest.fixture
+async def client(engine, key_store, admin_key):
+    c, _ = make_client(engine, key_store)
+    c.headers["Authorization"] = f"Bearer {admin_key}"
+    async with c:
+        yield c
+
+
+def chat_body(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+def sse_events(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    frames = text.split("\n\n")
+    assert frames[-1] == ""
+    out = []
+    for frame in frames[:-1]:
+        assert frame.startswith("data: "), frame
+        payload = frame[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+ANY = object()
+
+
+def assert_error(resp, status, code=ANY, param=None, type_="invalid_request_error"):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == type_
+    if code is not ANY:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+async def test_chat_non_streaming_shape_and_usage(client):
+    r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=100))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model"] == MODEL and body["system_fingerprint"] == "tokenmill"
+    [choice] = body["choices"]
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": REPLY,
+                                              "refusal": None, "tool_calls": None},
+                      "logprobs": None, "finish_reason": "stop"}
+    prompt = len("<user>Hi<assistant>")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == prompt and usage["completion_tokens"] == len(REPLY)
+    assert usage["total_tokens"] == prompt + len(REPLY)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["estimated_cost"] == pytest.approx(prompt * 0.02e-6 + len(REPLY) * 0.04e-6)
+
+
+async def test_chat_stream_framing(client):
+    r = await client.post("/v1/chat/completions",
+                          json=chat_body(stream=True, n=2, stream_options={"include_usage": True}))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # First delta of each choice carries the role; no other delta does.
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[2:-1])
+    # usage is null on every chunk but the last, which has no choices.
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2 * len(REPLY)
+    texts, finishes = {0: "", 1: ""}, {0: [], 1: []}
+    for c in chunks[:-1]:
+        [ch] = c["choices"]
+        texts[ch["index"]] += ch["delta"].get("content") or ""
+        if ch["finish_reason"]:
+            assert ch["delta"] == {}
+            finishes[ch["index"]].append(ch["finish_reason"])
+    assert texts == {0: REPLY, 1: REPLY} and finishes == {0: ["stop"], 1: ["stop"]}
+
+
+async def test_stream_without_include_usage_has_no_usage_key(client):
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    chunks = sse_events(r.text)[:-1]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+
+
+async def test_max_tokens_length_and_logprobs(client):
+    r = await client.post("/v1/chat/completions",
+                          json=chat_body(max_completion_tokens=3, logprobs=True, top_logprobs=1))
+    [choice] = r.json()["choices"]
+    assert choice["message"]["content"] == REPLY[:3] and choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert [t["token"] for t in content] == list(REPLY[:3])
+    assert content[0] == {"token": "H", "logprob": -0.5, "bytes": [72],
+                          "top_logprobs": [{"token": "H", "logprob": -0.5, "bytes": [72]}]}
+
+
+async def test_sampling_params_mapping(client, engine):
+    r = await client.post("/v1/chat/completions", json=chat_body(
+        temperature=0, top_p=0.5, stop=["x", "y"], seed=7, logit_bias={"42": 5},
+        top_k=3, min_p=0.1, repetition_penalty=1.2, min_tokens=1, ignore_eos=True,
+        stop_token_ids=[5], presence_penalty=0.5, frequency_penalty=-0.5, user="u1",
+        some_future_field={"ignored": True}))
+    assert r.status_code == 200, r.text
+    _, p, _ = engine.calls[-1]
+    assert (p.temperature, p.top_p, p.stop, p.seed, p.logit_bias, p.top_k, p.min_p) == \
+        (0.0, 0.5, ("x", "y"), 7, {42: 5.0}, 3, 0.1)
+    assert (p.repetition_penalty, p.min_tokens, p.ignore_eos, p.stop_token_ids) == (1.2, 1, True, (5,))
+    assert (p.presence_penalty, p.frequency_penalty, p.logprobs) == (0.5, -0.5, None)
+    # max_tokens not set: 512 clamped to what fits in the context.
+    assert p.max_tokens == 256 - len("<user>Hi<assistant>")
+
+
+async def test_content_parts_and_system_anywhere(client, engine):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": "c"}, {"role": "system", "content": "s"},
+                {"role": "tool", "content": "t", "tool_call_id": "1"}, {"role": "user", "content": "d"}]
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert r.status_code == 200, r.text
+    prompt, _, _ = engine.calls[-1]
+    assert "".join(map(chr, prompt)) == "<user>ab<assistant>c<system>s<tool>t<user>d<assistant>"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 9}, "n"),
+    ({"n": "2"}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"stream": "yes"}, "stream"),
+    ({"stop": ["a"] * 17}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 200}}, "logit_bias.5"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, None),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 123}]}, "messages.0.content"),
+    ({"messages": "hello"}, "messages"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type"),
+    ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+])
+async def test_bad_requests_are_400_with_param(client, body, param):
+    r = await client.post("/v1/chat/completions", json=chat_body(**body))
+    err = assert_error(r, 400)
+    assert err["param"] == param, err
+    # The server still works afterwards.
+    assert (await client.post("/v1/chat/completions", json=chat_body())).status_code == 200
+
+
+async def test_malformed_json_and_missing_fields(client):
+    r = await client.post("/v1/chat/completions", content=b'{"model": ',
+                          headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert_error(r, 400, code="missing_required_parameter", param="model")
+    r = await client.post("/v1/chat/completions", content=b"[" * 100000 + b"]" * 100000,
+                          headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    r = await client.post("/v1/chat/completions", content=b"model=x",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_error(r, 400)
+
+
+async def test_response_format_text_is_accepted(client):
+    r = await client.post("/v1/chat/completions", json=chat_body(response_format={"type": "text"}))
+    assert r.status_code == 200
+
+
+async def test_context_length_exceeded(client):
+    long = "x" * 300
+    r = await client.post("/v1/chat/completions",
+                          json=chat_body(messages=[{"role": "user", "content": long}]))
+    assert_error(r, 400, code="context_length_exceeded", param="messages")
+    r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=250))
+    assert_error(r, 400, code="context_length_exceeded", param="max_tokens")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 256})
+    assert_error(r, 400, code="context_length_exceeded", param="prompt")
+    # The boundary: prompt + max_tokens == context fits.
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 250, "max_tokens": 6})
+    assert r.status_code == 200
+
+
+async def test_unknown_model_and_route(client):
+    r = await client.post("/v1/chat/completions", json=chat_body(model="gpt-4"))
+    assert_error(r, 404, code="model_not_found", param="model")
+    assert_error(await client.get("/v1/models/gpt-4"), 404, code="model_not_found")
+    assert_error(await client.get("/v1/nope"), 404, code="not_found")
+
+
+async def test_auth(engine, key_store, admin_key, tmp_path):
+    c, _ = make_client(engine, key_store)
+    async with c:
+        assert_error(await c.get("/v1/models"), 401, code="invalid_api_key")
+        err = assert_error(await c.get("/v1/models", headers={"Authorization": "Bearer sk-tm-wrongwrongwrong"}),
+                           401, code="invalid_api_key")
+        assert "wrongwrongwrong" not in err["message"]
+        assert_error(await c.get("/v1/models", headers={"Authorization": admin_key}), 401,
+                     code="invalid_api_key")
+        # Auth is checked before the body is even parsed.
+        assert_error(await c.post("/v1/chat/completions", content=b"{"), 401, code="invalid_api_key")
+        ok = await c.get("/v1/models", headers={"Authorization": f"Bearer {admin_key}"})
+        assert ok.status_code == 200
+        # Public routes.
+        assert (await c.get("/health")).status_code == 200
+        assert (await c.get("/metrics")).status_code == 200
+        assert (await c.get("/openapi.json")).status_code == 200
+        assert (await c.get("/docs")).status_code == 200
+
+
+async def test_no_auth(engine):
+    c, _ = make_client(engine, None)
+    async with c:
+        assert (await c.get("/v1/models")).status_code == 200
+
+
+async def test_models(client, engine):
+    body = (await client.get("/v1/models")).json()
+    card = {"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "tokenmill",
+            "context_length": 256, "pricing": {"input": 0.02, "output": 0.04}}
+    assert body == {"object": "list", "data": [card]}
+    assert (await client.get(f"/v1/models/{MODEL}")).json() == card
+
+
+async def test_body_limit_413(engine, key_store, admin_key):
+    c, _ = make_client(engine, key_store, max_body_bytes=1000)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        big = chat_body(messages=[{"role": "user", "content": "x" * 2000}])
+        assert_error(await c.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+        async def chunks():  # no Content-Length: counted as it streams in
+            yield json.dumps(big).encode()
+
+        r = await c.post("/v1/chat/completions", content=chunks(),
+                         headers={"content-type": "application/json"})
+        assert_error(r, 413, code="request_too_large")
+
+
+async def test_queue_full_and_draining_503(engine, key_store, admin_key):
+    engine.delay = 0.05
+    c, app = make_client(engine, key_store, max_pending_requests=1)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        first = asyncio.create_task(c.post("/v1/chat/completions", json=chat_body()))
+        await asyncio.sleep(0.02)
+        r = await c.post("/v1/chat/completions", json=chat_body())
+        assert_error(r, 503, code="server_overloaded", type_="server_error")
+        assert r.headers["retry-after"] == "1"
+        assert (await first).status_code == 200
+        app.state.server_state.draining = True
+        assert_error(await c.post("/v1/chat/completions", json=chat_body()), 503,
+                     code="server_draining", type_="server_error")
+        assert (await c.get("/health")).status_code == 503
+
+
+async def test_health_follows_engine(client, engine):
+    assert (await client.get("/health")).status_code == 200
+    engine.healthy = False
+    assert (await client.get("/health")).status_code == 503
+
+
+async def test_deadline_aborts(engine, key_store, admin_key):
+    engine.delay = 0.2
+    c, _ = make_client(engine, key_store, request_timeout_s=0.3)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        r = await c.post("/v1/chat/completions", json=chat_body())
+        assert_error(r, 504, code="timeout", type_="server_error")
+        r = await c.post("/v1/chat/completions", json=chat_body(stream=True))
+        events = sse_events(r.text)
+        assert events[-2]["error"]["code"] == "timeout" and events[-1] == "[DONE]"
+    assert len(engine.aborted) == 2 and not engine.running
+
+
+async def test_completions_list_prompt_indices(client):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["ab", "cde"], "n": 2,
+                                                   "max_tokens": 4, "logprobs": 1})
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"] == REPLY[:4] and c["finish_reason"] == "length" for c in body["choices"])
+    assert body["choices"][0]["logprobs"]["text_offset"] == [0, 1, 2, 3]
+    assert body["choices"][0]["logprobs"]["top_logprobs"][0] == {"H": -0.5}
+    assert body["usage"]["prompt_tokens"] == 5 and body["usage"]["completion_tokens"] == 16
+
+
+async def test_completions_stream_and_echo(client):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[65, 66]], "echo": True,
+                                                   "max_tokens": 3, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    chunks = sse_events(r.text)[:-1]
+    text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+    assert text == "AB" + REPLY[:3]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]].count("length") == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 5
+
+
+async def test_completions_token_ids_out_of_vocab(client):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 100000]})
+    assert_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "suffix": "y"})
+    assert_error(r, 400, param="suffix")
+
+
+async def test_metrics_counts(client):
+    await client.post("/v1/chat/completions", json=chat_body(max_tokens=5))
+    text = (await client.get("/metrics")).text
+    for name in ("tokenmill_requests_running", "tokenmill_requests_waiting",
+                 "tokenmill_kv_cache_usage_ratio", "tokenmill_time_to_first_token_seconds_bucket",
+                 "tokenmill_inter_token_latency_seconds_bucket"):
+        assert name in text
+    assert "tokenmill_generation_tokens_total 5.0" in text
+    assert 'tokenmill_requests_total{endpoint="chat",outcome="ok"} 1.0' in text
+
+
+async def test_openapi_documents_routes(client):
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])

@@ -1,0 +1,100 @@
+"""build_app(engine, settings): the FastAPI application, with thin routes.
+
+Routes validate nothing themselves: pydantic (protocol.py) checks the body, the guard middleware
+checks auth, draining and body size, and the serving classes do the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+
+import tokenmill
+from tokenmill.server.auth import Authenticator
+from tokenmill.server.errors import install_error_handlers, model_not_found
+from tokenmill.server.metrics import CONTENT_TYPE, Metrics
+from tokenmill.server.middleware import GuardMiddleware
+from tokenmill.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
+                                       CompletionRequest, CompletionResponse, ErrorResponse,
+                                       ModelCard,
+                                       ModelList, Pricing)
+from tokenmill.server.serving_chat import ChatServing
+from tokenmill.server.serving_completion import CompletionServing
+from tokenmill.server.state import ServerSettings, ServerState
+
+log = logging.getLogger(__name__)
+
+# Documents the Bearer scheme in /docs; the check itself is in GuardMiddleware.
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
+
+
+def build_app(engine, settings: ServerSettings) -> FastAPI:
+    state = ServerState(settings)
+    metrics = Metrics()
+    chat = ChatServing(engine, settings, state, metrics)
+    completions = CompletionServing(engine, settings, state, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn has drained (or cancelled) in-flight requests by now.
+        state.draining = True
+        await engine.shutdown()
+        log.info("engine stopped")
+
+    app = FastAPI(title="tokenmill", version=getattr(tokenmill, "__version__", "0.1.0"),
+                  description="OpenAI-compatible inference server", lifespan=lifespan)
+    app.state.server_state = state
+    app.state.metrics = metrics
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, authenticator=Authenticator(settings.key_store),
+                       state=state)
+
+    def card() -> ModelCard:
+        return ModelCard(id=settings.model_id, created=settings.created,
+                         context_length=engine.max_model_len,
+                         pricing=Pricing(input=settings.price.input, output=settings.price.output))
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Security(_bearer)], responses=_ERRORS)
+
+    @v1.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await chat.create(body, request)
+
+    @v1.post("/completions", response_model=CompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await completions.create(body, request)
+
+    @v1.get("/models", response_model=ModelList)
+    async def list_models():
+        return ModelList(data=[card()])
+
+    @v1.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str):
+        if model_id != settings.model_id:
+            raise model_not_found(model_id)
+        return card()
+
+    app.include_router(v1)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not engine.is_healthy():
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics():
+        return Response(metrics.render(engine), media_type=CONTENT_TYPE)
+
+    return app

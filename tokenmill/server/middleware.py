@@ -1,0 +1,94 @@
+"""The ASGI guard in front of every route: one log line per request, Bearer auth on /v1,
+503 while draining, and the request-body limit (413), all before the body is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from tokenmill.server.auth import Authenticator
+from tokenmill.server.errors import APIError, unavailable
+from tokenmill.server.state import ServerState
+
+log = logging.getLogger("tokenmill.http")
+
+
+class GuardMiddleware:
+    def __init__(self, app, authenticator: Authenticator, state: ServerState):
+        self.app = app
+        self.authenticate = authenticator
+        self.state = state
+        self.max_body = state.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        status = 0
+
+        async def send_logged(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            error = self._check(scope)
+            if error is not None:
+                await _send_error(send_logged, error)
+            else:
+                await self.app(scope, self._limited(receive), send_logged)
+        finally:
+            # Path only: never the query string, body, or any header (keys live there).
+            log.info("%s %s %s %.0fms", scope["method"], scope["path"], status or "-",
+                     (time.monotonic() - start) * 1000)
+
+    def _check(self, scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        path = scope["path"]
+        if path == "/v1" or path.startswith("/v1/"):
+            try:
+                principal = self.authenticate(headers.get("authorization"))
+            except APIError as exc:
+                return exc
+            scope.setdefault("state", {})["principal"] = principal
+            if self.state.draining:
+                return unavailable("The server is shutting down.", "server_draining")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return _too_large(self.max_body)
+        return None
+
+    def _limited(self, receive):
+        """Count body bytes as they arrive (chunked uploads carry no Content-Length)."""
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    # FastAPI re-raises HTTPException from body reading; the handler makes it a 413.
+                    raise HTTPException(413, _too_large(self.max_body).message)
+            return message
+
+        return wrapped
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
+                    "invalid_request_error", None, "request_too_large")
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

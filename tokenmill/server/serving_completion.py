@@ -1,0 +1,171 @@
+"""POST /v1/completions: one prompt or a list of them (strings or token ids), n choices each.
+
+Choice `i` of prompt `p` has index `p * n + i`, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+from tokenmill.server import sse
+from tokenmill.server.errors import invalid_request, not_supported
+from tokenmill.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
+                                       CompletionRequest, CompletionResponse)
+from tokenmill.server.serving import OpenAIServing, UsageTally, clean_logprob, new_id
+from tokenmill.server.state import Ticket
+from tokenmill.server.streams import ClientDisconnected
+
+log = logging.getLogger(__name__)
+
+
+class CompletionServing(OpenAIServing):
+    endpoint = "completions"
+
+    async def create(self, req: CompletionRequest, raw: Request):
+        self.check_model(req.model)
+        self._check_supported(req)
+        prompts = self.tokenize(req)
+        # One SamplingParams for all prompts: the longest one decides what fits.
+        params = self.sampling_params(req, max(len(p) for p in prompts), "prompt")
+        request_id = new_id("cmpl")
+        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        ticket = self.state.admit()
+        timing = {"start": time.monotonic()}
+        if req.stream:
+            body = self._stream(req, prompts, echo, params, request_id, raw, ticket, timing)
+            return StreamingResponse(sse.with_error_events(body), media_type=sse.MEDIA_TYPE,
+                                     headers=sse.HEADERS)
+        try:
+            return await self._full(req, prompts, echo, params, request_id, raw, timing)
+        finally:
+            ticket.release()
+
+    def _check_supported(self, req: CompletionRequest) -> None:
+        self.check_response_format(req.response_format)
+        if req.suffix:
+            raise not_supported("suffix", "suffix (fill-in-the-middle)")
+        if req.best_of is not None and req.best_of != req.n:
+            raise not_supported("best_of", "best_of other than n")
+        if req.echo and req.logprobs is not None:
+            raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
+
+    def tokenize(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [self.tokenizer.encode(p, add_special_tokens=False)]
+        elif isinstance(p[0], str):
+            prompts = [self.tokenizer.encode(s, add_special_tokens=False) for s in p]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]
+        else:
+            prompts = [list(ids) for ids in p]
+        for ids in prompts:
+            if not ids:
+                raise invalid_request("The prompt must contain at least one token.", "prompt")
+            self.check_token_ids(ids, "prompt")
+        return prompts
+
+    def _index(self, out: RequestOutput, request_id: str, n: int) -> int:
+        """Choice index of an engine output: prompt number * n + choice number."""
+        if out.request_id == request_id:
+            return out.index
+        return int(out.request_id.rsplit("-", 1)[1]) * n + out.index
+
+    def _logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> CompletionLogprobs:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for e in entries:
+            text = self.token_text(e.token_id)
+            tokens.append(text)
+            token_logprobs.append(clean_logprob(e.logprob))
+            top.append({self.token_text(i): clean_logprob(lp) for i, lp in e.top[:k]})
+            offsets.append(offset)
+            offset += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top,
+                                  text_offset=offsets)
+
+    async def _full(self, req, prompts, echo, params, request_id, raw, timing) -> JSONResponse:
+        n = params.n
+        total = len(prompts) * n
+        texts = [echo[i // n] for i in range(total)]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        tally = UsageTally()
+        try:
+            async for out in self.generate(prompts, params, request_id, raw):
+                self.observe(out, timing, time.monotonic())
+                tally.add(out)
+                i = self._index(out, request_id, n)
+                texts[i] += out.text
+                logprobs[i].extend(out.logprobs)
+                if out.finished:
+                    finish[i] = self.finish_reason(out)
+        except ClientDisconnected:
+            self.done("disconnected", timing)
+            log.info("%s: client disconnected, aborted", request_id)
+            return JSONResponse({}, status_code=499)
+        except BaseException:
+            self.done("error", timing)
+            raise
+        self.done("ok", timing)
+        k = req.logprobs or 0
+        choices = [CompletionChoice(
+            index=i, text=texts[i], finish_reason=finish[i],
+            logprobs=self._logprobs(logprobs[i], k, 0) if req.logprobs is not None else None)
+            for i in range(total)]
+        body = CompletionResponse(id=request_id, model=self.settings.model_id, choices=choices,
+                                  usage=tally.usage(self.settings.price),
+                                  system_fingerprint=self.settings.fingerprint)
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _stream(self, req, prompts, echo, params, request_id, raw, ticket: Ticket,
+                      timing) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        include_usage = req.include_usage
+        n = params.n
+        k = req.logprobs or 0
+        offsets = [0] * (len(prompts) * n)
+        pending_echo = [echo[i // n] for i in range(len(prompts) * n)]
+        tally = UsageTally()
+
+        def chunk(choices: list[CompletionChoice], usage=None) -> bytes:
+            body = CompletionChunk(id=request_id, created=created, model=self.settings.model_id,
+                                   system_fingerprint=self.settings.fingerprint, choices=choices,
+                                   usage=usage)
+            return sse.event(body, exclude=None if include_usage else {"usage"})
+
+        outcome = "error"
+        try:
+            async for out in self.generate(prompts, params, request_id, raw):
+                self.observe(out, timing, time.monotonic())
+                tally.add(out)
+                i = self._index(out, request_id, n)
+                text = pending_echo[i] + out.text
+                pending_echo[i] = ""
+                if text or out.logprobs:
+                    lp = self._logprobs(out.logprobs, k, offsets[i]) if req.logprobs is not None \
+                        else None
+                    offsets[i] += len(text)
+                    yield chunk([CompletionChoice(index=i, text=text, logprobs=lp,
+                                                  finish_reason=None)])
+                if out.finished:
+                    reason = self.finish_reason(out)
+                    yield chunk([CompletionChoice(index=i, text="", logprobs=None,
+                                                  finish_reason=reason)])
+            if include_usage:
+                yield chunk([], usage=tally.usage(self.settings.price))
+            outcome = "ok"
+        except (ClientDisconnected, asyncio.CancelledError, GeneratorExit) as exc:
+            outcome = "disconnected"
+            log.info("%s: client disconnected, aborted", request_id)
+            if not isinstance(exc, ClientDisconnected):
+                raise
+        finally:
+            ticket.release()
+            self.done(outcome, timing)
