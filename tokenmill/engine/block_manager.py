@@ -16,7 +16,7 @@ One request's blocks (block_size 4; 10 tokens known, 5 computed, 5 scheduled thi
     equal hashes mean equal prefixes and the prefix cache is a flat dict.
 
 Every block is in exactly one state:
-    used      ref_count > 0: listed in the block_ids of ref_count requests (shared when a prefix hit)
+    used      ref_count > 0: in the block_ids of ref_count requests (more than one: a shared prefix)
     cached    ref_count == 0, hashed: in the free queue, reusable by a prefix hit until evicted
     free      ref_count == 0, not hashed: in the free queue
 The free queue is the eviction order: hash-less blocks in front (nothing is lost reusing them),
@@ -165,7 +165,8 @@ class BlockManager:
             num_used += block.ref_count > 0
             num_cached += block.ref_count == 0 and block.block_hash is not None
             num_free += block.ref_count == 0 and block.block_hash is None
-        assert num_free + num_cached + num_used == len(self.blocks) == len(self.free_queue) + num_used
+        assert num_free + num_cached + num_used == len(self.blocks)
+        assert num_free + num_cached == len(self.free_queue)
         assert len(self.cached) == sum(b.block_hash is not None for b in self.blocks)
         for request in self.holders.values():
             assert request.block_ids and len(set(request.block_ids)) == len(request.block_ids)
