@@ -29,7 +29,9 @@ def prompt_ids(default_tokenizer):
 
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_deltas_concatenate_to_decode_and_never_split_a_char(default_tokenizer, prompt_ids, text, chunk):
+def test_deltas_concatenate_to_decode_and_never_split_a_char(
+    default_tokenizer, prompt_ids, text, chunk
+):
     output_ids = default_tokenizer.encode(text, add_special_tokens=False)
     deltas = stream(default_tokenizer, prompt_ids, output_ids, chunk=chunk)
     assert "".join(deltas) == default_tokenizer.decode(output_ids) == text
@@ -40,14 +42,16 @@ def test_emoji_split_across_tokens_is_held_until_complete(default_tokenizer, pro
     output_ids = default_tokenizer.encode("ok 🦜!", add_special_tokens=False)
     pieces = [default_tokenizer.decode([t]) for t in output_ids]
     assert pieces[0] == "ok" and pieces[-1] == "!"
-    assert len(output_ids) >= 4 and all("\ufffd" in p for p in pieces[1:-1])  # emoji in >= 2 tokens
+    assert len(output_ids) >= 4  # the emoji is split over >= 2 tokens
+    assert all("\ufffd" in p for p in pieces[1:-1])
     deltas = stream(default_tokenizer, prompt_ids, output_ids)
     assert deltas == ["ok"] + [""] * (len(output_ids) - 3) + [" 🦜", "!", ""]
 
 
 def test_spaces_between_words_are_exact(default_tokenizer, prompt_ids):
     output_ids = default_tokenizer.encode("Hi , there . ok", add_special_tokens=False)
-    assert stream(default_tokenizer, prompt_ids, output_ids) == ["Hi", " ,", " there", " .", " ok", ""]
+    deltas = stream(default_tokenizer, prompt_ids, output_ids)
+    assert deltas == ["Hi", " ,", " there", " .", " ok", ""]
 
 
 @pytest.mark.parametrize("text", [" Leading space", "No leading space", "\nnewline first"])
@@ -66,9 +70,11 @@ def test_empty_prompt(default_tokenizer):
 
 def test_special_tokens_are_skipped_or_kept(default_tokenizer, prompt_ids):
     tok = default_tokenizer
-    output_ids = tok.encode("Sure.<|im_end|>\n<|im_start|>user\nthanks<|endoftext|>", add_special_tokens=False)
+    text = "Sure.<|im_end|>\n<|im_start|>user\nthanks<|endoftext|>"
+    output_ids = tok.encode(text, add_special_tokens=False)
     skipped = stream(tok, prompt_ids, output_ids, skip_special_tokens=True)
-    assert "".join(skipped) == tok.decode(output_ids, skip_special_tokens=True) == "Sure.\nuser\nthanks"
+    assert "".join(skipped) == tok.decode(output_ids, skip_special_tokens=True)
+    assert "".join(skipped) == "Sure.\nuser\nthanks"
     kept = stream(tok, prompt_ids, output_ids, skip_special_tokens=False)
     assert "".join(kept) == tok.decode(output_ids, skip_special_tokens=False)
     assert "<|im_end|>" in "".join(kept)

@@ -68,7 +68,8 @@ def kept(logits, top_k=None, top_p=None, min_p=None) -> list[list[int]]:
     def t(values, dtype):
         return None if values is None else torch.tensor(values, dtype=dtype)
 
-    out = filter_logits(logits, t(top_k, torch.long), t(top_p, torch.float32), t(min_p, torch.float32))
+    f32 = torch.float32
+    out = filter_logits(logits, t(top_k, torch.long), t(top_p, f32), t(min_p, f32))
     return [torch.nonzero(row > -INF).flatten().tolist() for row in out]
 
 
@@ -150,7 +151,8 @@ def test_logit_bias_is_added():
 
 def test_logit_bias_forces_a_token():
     logits = rows([5.0, 0.0, 0.0])
-    assert Sampler(3, (EOS,))(logits, [req(temperature=0.0, logit_bias={2: 100.0})]).token_ids == [2]
+    out = Sampler(3, (EOS,))(logits, [req(temperature=0.0, logit_bias={2: 100.0})])
+    assert out.token_ids == [2]
 
 
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
@@ -189,7 +191,10 @@ def test_repetition_penalty_matches_transformers():
         expected = RepetitionPenaltyLogitsProcessor(penalty)(token_ids, logits.clone())
         got = apply_repetition_penalty(logits, token_ids, torch.full((3,), penalty))
         assert torch.equal(got, expected)
-        requests = [req(prompt=ids[:7], output=ids[7:], repetition_penalty=penalty) for ids in token_ids.tolist()]
+        requests = [
+            req(prompt=ids[:7], output=ids[7:], repetition_penalty=penalty)
+            for ids in token_ids.tolist()
+        ]
         assert torch.equal(process_logits(logits, requests, (EOS,)), expected)
 
 

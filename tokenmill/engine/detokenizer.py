@@ -27,12 +27,12 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)  # ids before this index are already in output_text
 
     def step(self, new_token_ids: list[int]) -> str:
-        """Add this step's tokens; return the text they finalize ('' while a char is unfinished)."""
+        """Add this step's tokens; return the text they finalize ('' while a char is pending)."""
         self._ids.extend(new_token_ids)
         return self._advance(hold_incomplete=True)
 
     def flush(self) -> str:
-        """At the end of a request: the pending text, even if it ends in an invalid byte sequence."""
+        """At the end of a request: the pending text, even if it ends in invalid bytes."""
         return self._advance(hold_incomplete=False)
 
     def _advance(self, hold_incomplete: bool) -> str:

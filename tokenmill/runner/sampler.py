@@ -42,7 +42,9 @@ class Sampler:
         return SamplerOutput(token_ids, compute_logprobs(logits, token_ids, num_top))
 
 
-def process_logits(logits: Tensor, requests: list[Request], eos_token_ids: tuple[int, ...]) -> Tensor:
+def process_logits(
+    logits: Tensor, requests: list[Request], eos_token_ids: tuple[int, ...]
+) -> Tensor:
     """Stage 1: logit_bias, min_tokens, repetition then presence/frequency penalties.
 
     Returns a new tensor [B, V] (the input is not modified); ids >= V in logit_bias or the stop
@@ -76,7 +78,8 @@ def process_logits(logits: Tensor, requests: list[Request], eos_token_ids: tuple
         idx = torch.tensor(rows, device=device)
         token_ids = _padded([requests[i].all_token_ids for i in rows], vocab, device)  # [R, L]
         penalty = torch.tensor([params[i].repetition_penalty for i in rows], device=device)  # [R]
-        logits = logits.index_copy(0, idx, apply_repetition_penalty(logits[idx], token_ids, penalty))
+        penalized = apply_repetition_penalty(logits[idx], token_ids, penalty)
+        logits = logits.index_copy(0, idx, penalized)
 
     rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
     if rows:
@@ -131,7 +134,8 @@ def compute_logprobs(
     top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
     for j, i in enumerate(rows):
         k = num_top[i]
-        out[i] = TokenLogprobs(token_ids[i], sampled_lp[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+        top = list(zip(top_ids[j][:k], top_lp[j][:k]))
+        out[i] = TokenLogprobs(token_ids[i], sampled_lp[j], top)
     return out
 
 
@@ -210,4 +214,5 @@ def _exponential(
 def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> Tensor:
     """Token lists as a [B, max len] long tensor, padded with `pad`."""
     width = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    rows = [s + [pad] * (width - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long, device=device)
