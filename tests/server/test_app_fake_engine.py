@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from fakes import REPLY, FakeEngine
+from server_fakes import REPLY, FakeEngine
 from tokenmill.server.app import build_app
 from tokenmill.server.auth import KeyStore, ensure_admin_key
 from tokenmill.server.pricing import Price

@@ -1,0 +1,439 @@
+"""End to end: a real `tokenmill serve` with the default model, driven by the official `openai`
+client, raw httpx and the seed pages' own Python and JavaScript examples.
+
+Kept cheap for a 2-core CPU: one server for the session, small max_tokens, temperature 0 where the
+text is compared. The SIGTERM drain test runs last because it stops the shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_live import MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID
+
+pytestmark = pytest.mark.slow
+
+CANARY = "zebra-canary-7431"  # appears in a prompt; must never appear in the server's log
+MESSAGES = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {server.key}"}) as c:
+        yield c
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def wait_idle(server, timeout: float = 15.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if metric(server, "tokenmill_requests_running") == 0 and \
+                metric(server, "tokenmill_requests_waiting") == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError("engine did not return to idle: "
+                         f"running={metric(server, 'tokenmill_requests_running')} "
+                         f"waiting={metric(server, 'tokenmill_requests_waiting')}")
+
+
+def sse_payloads(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    frames = text.split("\n\n")[:-1]
+    assert all(f.startswith("data: ") for f in frames)
+    return [f[6:] if f[6:] == "[DONE]" else json.loads(f[6:]) for f in frames]
+
+
+# ---- the seed pages' examples ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_seed_python_example(server, stream, capsys):
+    """The Python snippet of the seed pages, with only base_url, api_key and model changed."""
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=server.v1,
+        api_key=server.key,
+    )
+
+    model = MODEL_ID
+    max_tokens = 512
+
+    chat_completion_res = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "system",
+                "content": "Act like you are a helpful assistant.",
+            },
+            {
+                "role": "user",
+                "content": "Hi there!",
+            }
+        ],
+        stream=stream,
+        max_tokens=max_tokens,
+    )
+
+    if stream:
+        for chunk in chat_completion_res:
+            print(chunk.choices[0].delta.content or "")
+    else:
+        print(chat_completion_res.choices[0].message.content)
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("stream", ["true", "false"])
+def test_seed_javascript_example(server, node_openai, stream):
+    env = dict(os.environ, TOKENMILL_BASE_URL=server.v1, TOKENMILL_API_KEY=server.key,
+               TOKENMILL_MODEL=MODEL_ID, STREAM=stream)
+    proc = subprocess.run(["node", str(node_openai / "seed_example.mjs")], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    if stream == "true":
+        assert lines[-1] in ("stop", "length") and len(lines) > 2
+    else:
+        body = json.loads(lines[-1])
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+
+
+def test_seed_curl_example(server):
+    """The curl example's JSON body, sent as is (DeepInfra's variant has no max_tokens)."""
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello!"}], "seed": 1}
+    proc = subprocess.run(
+        ["curl", "-sS", f"{server.v1}/chat/completions", "-H", "Content-Type: application/json",
+         "-H", f"Authorization: Bearer {server.key}", "-d", json.dumps(body)],
+        capture_output=True, text=True, timeout=180)
+    out = json.loads(proc.stdout)
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+
+
+# ---- behaviour -------------------------------------------------------------------------------
+
+
+def test_chat_stream_equals_non_stream_at_temperature_0(client):
+    full = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                          max_tokens=24)
+    stream = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                            max_tokens=24, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert text == full.choices[0].message.content and text
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices[0].finish_reason is not None  # the finish chunk comes last
+    assert all(c.usage is None for c in chunks)
+
+
+def test_completions_stream_equals_non_stream(client):
+    kw = dict(model=MODEL_ID, prompt="The capital of France is", temperature=0, max_tokens=16)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert full.id.startswith("cmpl-") and full.object == "text_completion"
+
+
+def test_completions_list_of_prompts(client):
+    out = client.completions.create(model=MODEL_ID, prompt=["One, two,", "Red, green,"], n=2,
+                                    temperature=0, max_tokens=6)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    # Greedy: the two choices of one prompt agree; the prompts differ.
+    assert out.choices[0].text == out.choices[1].text and out.choices[2].text == out.choices[3].text
+    single = client.completions.create(model=MODEL_ID, prompt="Red, green,", temperature=0, max_tokens=6)
+    assert single.choices[0].text == out.choices[2].text
+    assert out.usage.prompt_tokens == sum(
+        client.completions.create(model=MODEL_ID, prompt=p, max_tokens=1).usage.prompt_tokens
+        for p in ["One, two,", "Red, green,"])
+
+
+def test_n2_non_stream_and_stream(client):
+    out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, n=2, max_tokens=12,
+                                         seed=3)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in out.choices)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, n=2,
+                                                 max_tokens=12, seed=3, stream=True))
+    texts, finishes = ["", ""], [[], []]
+    for c in chunks:
+        [ch] = c.choices
+        texts[ch.index] += ch.delta.content or ""
+        if ch.finish_reason:
+            finishes[ch.index].append(ch.finish_reason)
+    assert [len(f) for f in finishes] == [1, 1]
+    # Same seed, same outputs, streamed or not.
+    assert texts == [c.message.content for c in out.choices]
+
+
+def test_seed_reproducibility(client):
+    def run(seed):
+        return client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=1.0,
+                                              max_tokens=16, seed=seed).choices[0].message.content
+
+    assert run(1234) == run(1234)
+    assert len({run(s) for s in (1, 2, 3)}) > 1
+
+
+def test_stop_strings(client):
+    greedy = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                            max_tokens=24).choices[0].message.content
+    words = greedy.split()
+    assert len(words) >= 3, greedy
+    stop = " " + words[2]
+    expected = greedy[:greedy.index(stop)]
+    out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                         max_tokens=24, stop=[stop, "\n\n\n"])
+    assert out.choices[0].message.content == expected
+    assert out.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                                 max_tokens=24, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+
+def test_logprobs(client):
+    out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                         max_tokens=8, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        lps = [x.logprob for x in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert t.top_logprobs[0].token == t.token  # greedy picks the most likely
+        assert t.bytes == list(t.token.encode())
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
+                                                 max_tokens=8, logprobs=True, top_logprobs=3,
+                                                 stream=True))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == \
+        [(t.token, round(t.logprob, 4)) for t in content]
+    plain = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, logprobs=2,
+                                      temperature=0)
+    lp = plain.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == plain.choices[0].text
+
+
+def test_usage_chunk_and_headers(server, http):
+    body = {"model": MODEL_ID, "messages": MESSAGES, "temperature": 0, "max_tokens": 10,
+            "stream": True, "stream_options": {"include_usage": True}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    events = sse_payloads(r.text)
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["choices"] == [] and all(e["usage"] is None for e in events[:-2])
+    full = http.post("/v1/chat/completions", json={**body, "stream": False,
+                                                    "stream_options": None}).json()
+    assert last["usage"] == full["usage"]
+    u = full["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["estimated_cost"] == pytest.approx(u["prompt_tokens"] * 0.02e-6 +
+                                                u["completion_tokens"] * 0.04e-6)
+    assert u["prompt_tokens_details"]["cached_tokens"] > 0  # same prompt: prefix cache hit
+    assert full["system_fingerprint"].startswith("fp_")
+
+
+def test_models_health_metrics_docs(server, client):
+    [card] = client.models.list().data
+    assert card.id == MODEL_ID and card.owned_by == "tokenmill" and card.created > 0
+    assert card.context_length == MAX_MODEL_LEN
+    assert card.pricing == {"input": 0.02, "output": 0.04}
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("tokenmill_requests_running", "tokenmill_requests_waiting",
+                 "tokenmill_kv_cache_usage_ratio", "tokenmill_prompt_tokens_total",
+                 "tokenmill_generation_tokens_total", "tokenmill_time_to_first_token_seconds_count",
+                 "tokenmill_inter_token_latency_seconds_count"):
+        assert re.search(rf"^{name} ", text, re.M), name
+    assert metric(server, "tokenmill_generation_tokens_total") > 0
+    assert httpx.get(server.base_url + "/docs").status_code == 200
+    assert "/v1/chat/completions" in httpx.get(server.base_url + "/openapi.json").json()["paths"]
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def _error(exc) -> dict:
+    return exc.value.response.json()["error"]
+
+
+def test_errors_through_the_official_client(server, client):
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=server.v1, api_key="sk-tm-wrong", max_retries=0).models.list()
+    assert _error(e)["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="microsoft/wizardlm-2-7b", messages=MESSAGES)
+    assert _error(e)["code"] == "model_not_found"
+    for kw, param in [({"temperature": 3}, "temperature"), ({"n": 9}, "n"),
+                      ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+                      ({"stop": ["x"] * 17}, "stop"), ({"presence_penalty": -5}, "presence_penalty"),
+                      ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                      ({"stream_options": {"include_usage": True}}, None)]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2, **kw)
+        err = _error(e)
+        assert err["type"] == "invalid_request_error" and err["param"] == param, (kw, err)
+
+
+def test_context_length_exceeded(client):
+    long = [{"role": "user", "content": "hello " * MAX_MODEL_LEN}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL_ID, messages=long, stream=stream)
+        assert _error(e)["code"] == "context_length_exceeded" and _error(e)["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=MAX_MODEL_LEN)
+    assert _error(e)["code"] == "context_length_exceeded" and _error(e)["param"] == "max_tokens"
+    # Without max_tokens the default is clamped to fit instead.
+    near = [{"role": "user", "content": "hello " * (MAX_MODEL_LEN - 60)}]
+    out = client.chat.completions.create(model=MODEL_ID, messages=near, temperature=0)
+    assert out.usage.prompt_tokens + out.usage.completion_tokens <= MAX_MODEL_LEN
+
+
+def test_raw_http_errors(server, http):
+    def err(r, status):
+        assert r.status_code == status, r.text
+        e = r.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"}
+        return e
+
+    assert err(http.post("/v1/chat/completions", content=b"{not json",
+                         headers={"content-type": "application/json"}), 400)["type"] == \
+        "invalid_request_error"
+    assert err(http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": "hi"}),
+               400)["param"] == "messages"
+    big = {"model": MODEL_ID, "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]}
+    assert err(http.post("/v1/chat/completions", json=big), 413)["code"] == "request_too_large"
+    assert err(httpx.get(server.v1 + "/models"), 401)["code"] == "invalid_api_key"
+    assert err(httpx.get(server.v1 + "/models", headers={"Authorization": "Basic abc"}), 401)
+    # And the server still serves.
+    ok = http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MESSAGES,
+                                                 "max_tokens": 2, "no_such_field": 1})
+    assert ok.status_code == 200
+
+
+# ---- hang-ups --------------------------------------------------------------------------------
+
+
+async def test_hangups_abort_and_free_the_engine(server):
+    """200 requests that would each generate 900 tokens hang up after 0.5 s (half streaming);
+    every one must time out on the client, then a normal request must succeed quickly and the
+    running/waiting gauges must be back at 0."""
+    client = openai.AsyncOpenAI(base_url=server.v1, api_key=server.key, max_retries=0,
+                                timeout=0.5)
+    messages = [{"role": "user", "content": f"Tell me a long story. {CANARY}"}]
+    extra = {"min_tokens": 900, "ignore_eos": True}
+
+    async def one(i):
+        if i % 2:
+            stream = await client.chat.completions.create(
+                model=MODEL_ID, messages=messages, max_tokens=900, stream=True, extra_body=extra)
+            async for _ in stream:
+                pass
+        else:
+            await client.chat.completions.create(model=MODEL_ID, messages=messages,
+                                                 max_tokens=900, extra_body=extra)
+
+    results = await asyncio.gather(*(one(i) for i in range(200)), return_exceptions=True)
+    assert all(isinstance(r, openai.APITimeoutError) for r in results), \
+        {type(r).__name__ for r in results}
+    await client.close()
+
+    start = time.monotonic()
+    normal = openai.AsyncOpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=15)
+    out = await normal.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=5)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert time.monotonic() - start < 15
+    await normal.close()
+    await asyncio.to_thread(wait_idle, server)
+    text = httpx.get(server.base_url + "/metrics").text
+    assert "tokenmill_requests_total{endpoint=\"chat\",outcome=\"disconnected\"}" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_single_hangup_aborts_at_once(server, stream):
+    """A long request is running; the client closes its socket; the engine is idle at once."""
+    body = json.dumps({"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 900,
+                       "min_tokens": 900, "ignore_eos": True, "stream": stream}).encode()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + server.key.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: " +
+                 str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 20
+    while metric(server, "tokenmill_requests_running") < 1:
+        assert time.monotonic() < deadline, "request never started running"
+        time.sleep(0.05)
+    sock.close()
+    assert wait_idle(server, timeout=5) < 2.0
+
+
+# ---- logs and shutdown (last: the drain test stops the server) ----------------------------------
+
+
+def test_logs_never_hold_keys_or_prompts(server):
+    log = server.output()
+    assert log.count(server.key) == 1  # printed once, at creation, never logged
+    assert CANARY not in log and "rainbow" not in log
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """SIGTERM: /health turns 503, the in-flight stream still completes, the process exits."""
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 30, "min_tokens": 30,
+            "stream": True, "temperature": 0}
+    events = []
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {server.key}"}) as c:
+        with c.stream("POST", server.v1 + "/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line)
+                    break
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            try:
+                health = httpx.get(server.base_url + "/health", timeout=2).status_code
+            except httpx.TransportError:
+                health = "refused"
+            assert health in (503, "refused")
+            events += [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+    assert finishes[-1] == "length"
+    assert server.proc.wait(timeout=30) is not None
+    assert "engine stopped" in server.output()
