@@ -105,8 +105,8 @@ class TorchAttentionMetadata(AttentionMetadata):
         b = self.num_decodes
         if b:
             qd = q[:b].unsqueeze(2)  # [B, Hq, 1, D]
-            kd = k_flat[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-            vd = v_flat[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            kd = _gather(k_flat, self.decode_slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vd = _gather(v_flat, self.decode_slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
                                                 enable_gqa=True)  # [B, Hq, 1, D]
             out[:b] = od.squeeze(2)
@@ -116,13 +116,19 @@ class TorchAttentionMetadata(AttentionMetadata):
                 kc = k[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
                 vc = v[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
             else:
-                kc = k_flat[c.slots].transpose(0, 1)  # [Hkv, L, D]
-                vc = v_flat[c.slots].transpose(0, 1)  # [Hkv, L, D]
+                kc = _gather(k_flat, c.slots).transpose(0, 1)  # [Hkv, L, D]
+                vc = _gather(v_flat, c.slots).transpose(0, 1)  # [Hkv, L, D]
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask,
                                                 is_causal=c.mask is None,
                                                 enable_gqa=True)  # [Hq, n, D]
             out[c.start:c.end] = oc.transpose(0, 1)
         return out
+
+
+def _gather(flat: Tensor, slots: Tensor) -> Tensor:
+    """flat [S, Hkv, D] rows at slots [...] -> [..., Hkv, D]. index_select on a flat index is
+    several times faster on CPU than advanced indexing with a 2-D index."""
+    return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
 
 
 def _slots(tables: Tensor, pos: Tensor, block_size: int) -> Tensor:
