@@ -101,8 +101,9 @@ def serve_command(args) -> int:
     engine = AsyncLLM.from_config(config)
     import tokenmill
 
-    fingerprint = "fp_" + hashlib.sha256(
-        f"{getattr(tokenmill, '__version__', '0')}:{path.name}:{args.dtype}".encode()).hexdigest()[:10]
+    version = getattr(tokenmill, "__version__", "0")
+    digest = hashlib.sha256(f"{version}:{path.name}:{args.dtype}".encode()).hexdigest()
+    fingerprint = "fp_" + digest[:10]
     settings = ServerSettings(model_id=model_id, price=price_for(model_id), key_store=store,
                               max_body_bytes=args.max_body_bytes,
                               request_timeout_s=args.request_timeout,

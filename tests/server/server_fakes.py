@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from tokenmill.engine.async_llm import EngineDeadError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
 
 REPLY = "Hello there, friend."
@@ -44,6 +45,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.calls: list[tuple[list[int], object, str]] = []
         self.healthy = True
+        self.fail_after: int | None = None  # raise EngineDeadError after this many outputs
 
     async def generate(self, prompt_token_ids, params, request_id):
         self.calls.append((list(prompt_token_ids), params, request_id))
@@ -58,11 +60,14 @@ class FakeEngine:
             for pos in range(limit):
                 for index in range(params.n):
                     await asyncio.sleep(self.delay)
+                    if self.fail_after is not None and pos >= self.fail_after:
+                        raise EngineDeadError("step failed: boom")
                     last = pos == limit - 1
                     tok = ord(reply[pos])
                     lp = []
                     if params.logprobs is not None:
-                        lp = [TokenLogprobs(tok, -0.5, [(tok, -0.5), (ord("x"), -1.5)][:params.logprobs])]
+                        top = [(tok, -0.5), (ord("x"), -1.5)][:params.logprobs]
+                        lp = [TokenLogprobs(tok, -0.5, top)]
                     reason = None
                     if last:
                         reason = "length" if params.max_tokens < len(reply) else "stop"

@@ -109,11 +109,13 @@ async def test_chat_stream_framing(client):
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     # First delta of each choice carries the role; no other delta does.
-    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    role = {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [role, role]
     assert not any("role" in c["choices"][0]["delta"] for c in chunks[2:-1])
     # usage is null on every chunk but the last, which has no choices.
     assert all(c["usage"] is None for c in chunks[:-1])
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2 * len(REPLY)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * len(REPLY)
     texts, finishes = {0: "", 1: ""}, {0: [], 1: []}
     for c in chunks[:-1]:
         [ch] = c["choices"]
@@ -151,16 +153,19 @@ async def test_sampling_params_mapping(client, engine):
     _, p, _ = engine.calls[-1]
     assert (p.temperature, p.top_p, p.stop, p.seed, p.logit_bias, p.top_k, p.min_p) == \
         (0.0, 0.5, ("x", "y"), 7, {42: 5.0}, 3, 0.1)
-    assert (p.repetition_penalty, p.min_tokens, p.ignore_eos, p.stop_token_ids) == (1.2, 1, True, (5,))
+    assert (p.repetition_penalty, p.min_tokens, p.ignore_eos, p.stop_token_ids) == \
+        (1.2, 1, True, (5,))
     assert (p.presence_penalty, p.frequency_penalty, p.logprobs) == (0.5, -0.5, None)
     # max_tokens not set: 512 clamped to what fits in the context.
     assert p.max_tokens == 256 - len("<user>Hi<assistant>")
 
 
 async def test_content_parts_and_system_anywhere(client, engine):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    messages = [{"role": "user", "content": parts},
                 {"role": "assistant", "content": "c"}, {"role": "system", "content": "s"},
-                {"role": "tool", "content": "t", "tool_call_id": "1"}, {"role": "user", "content": "d"}]
+                {"role": "tool", "content": "t", "tool_call_id": "1"},
+                {"role": "user", "content": "d"}]
     r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
     assert r.status_code == 200, r.text
     prompt, _, _ = engine.calls[-1]
@@ -184,16 +189,18 @@ async def test_content_parts_and_system_anywhere(client, engine):
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 200}}, "logit_bias.5"),
     ({"logit_bias": {"99999": 1}}, "logit_bias"),
-    ({"stream_options": {"include_usage": True}}, None),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 123}]}, "messages.0.content"),
     ({"messages": "hello"}, "messages"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ({"messages": [{"role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type"),
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+    ({"top_logprobs": 2}, "top_logprobs"),
 ])
 async def test_bad_requests_are_400_with_param(client, body, param):
     r = await client.post("/v1/chat/completions", json=chat_body(**body))
@@ -207,7 +214,8 @@ async def test_malformed_json_and_missing_fields(client):
     r = await client.post("/v1/chat/completions", content=b'{"model": ',
                           headers={"content-type": "application/json"})
     assert_error(r, 400)
-    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    no_model = {"messages": [{"role": "user", "content": "x"}]}
+    r = await client.post("/v1/chat/completions", json=no_model)
     assert_error(r, 400, code="missing_required_parameter", param="model")
     r = await client.post("/v1/chat/completions", content=b"[" * 100000 + b"]" * 100000,
                           headers={"content-type": "application/json"})
@@ -232,7 +240,8 @@ async def test_context_length_exceeded(client):
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 256})
     assert_error(r, 400, code="context_length_exceeded", param="prompt")
     # The boundary: prompt + max_tokens == context fits.
-    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 250, "max_tokens": 6})
+    r = await client.post("/v1/completions",
+                          json={"model": MODEL, "prompt": "y" * 250, "max_tokens": 6})
     assert r.status_code == 200
 
 
@@ -247,13 +256,14 @@ async def test_auth(engine, key_store, admin_key, tmp_path):
     c, _ = make_client(engine, key_store)
     async with c:
         assert_error(await c.get("/v1/models"), 401, code="invalid_api_key")
-        err = assert_error(await c.get("/v1/models", headers={"Authorization": "Bearer sk-tm-wrongwrongwrong"}),
-                           401, code="invalid_api_key")
+        wrong = {"Authorization": "Bearer sk-tm-wrongwrongwrong"}
+        err = assert_error(await c.get("/v1/models", headers=wrong), 401, code="invalid_api_key")
         assert "wrongwrongwrong" not in err["message"]
         assert_error(await c.get("/v1/models", headers={"Authorization": admin_key}), 401,
                      code="invalid_api_key")
         # Auth is checked before the body is even parsed.
-        assert_error(await c.post("/v1/chat/completions", content=b"{"), 401, code="invalid_api_key")
+        assert_error(await c.post("/v1/chat/completions", content=b"{"), 401,
+                     code="invalid_api_key")
         ok = await c.get("/v1/models", headers={"Authorization": f"Bearer {admin_key}"})
         assert ok.status_code == 200
         # Public routes.
@@ -341,9 +351,9 @@ async def test_completions_list_prompt_indices(client):
 
 
 async def test_completions_stream_and_echo(client):
-    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[65, 66]], "echo": True,
-                                                   "max_tokens": 3, "stream": True,
-                                                   "stream_options": {"include_usage": True}})
+    r = await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": [[65, 66]], "echo": True, "max_tokens": 3, "stream": True,
+        "stream_options": {"include_usage": True}})
     chunks = sse_events(r.text)[:-1]
     text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
     assert text == "AB" + REPLY[:3]
@@ -371,4 +381,20 @@ async def test_metrics_counts(client):
 
 async def test_openapi_documents_routes(client):
     spec = (await client.get("/openapi.json")).json()
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
+    routes = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+    assert routes <= set(spec["paths"])
+
+
+async def test_engine_failure_mid_stream_is_an_error_event(client, engine):
+    engine.fail_after = 2
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert [c["choices"][0]["delta"].get("content") for c in events[:3]] == ["", "H", "e"]
+    assert events[-2] == {"error": {"message": "The inference engine stopped.",
+                                    "type": "server_error", "param": None,
+                                    "code": "engine_unavailable"}}
+    assert events[-1] == "[DONE]"
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    assert_error(r, 503, code="engine_unavailable", type_="server_error")
+    assert "boom" not in r.text

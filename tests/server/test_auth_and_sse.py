@@ -39,7 +39,8 @@ def test_lookup_and_reload_when_file_changes(tmp_path):
     assert other_process.lookup(k1 + "x") is None
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer sk-tm-nope", "sk-tm-x"])
+@pytest.mark.parametrize("header",
+                         [None, "", "Bearer", "Basic abc", "Bearer sk-tm-nope", "sk-tm-x"])
 def test_authenticator_rejects(tmp_path, header):
     store = KeyStore(tmp_path / "keys.json")
     store.add("alice")

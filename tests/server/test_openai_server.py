@@ -129,7 +129,8 @@ def test_seed_curl_example(server):
          "-H", f"Authorization: Bearer {server.key}", "-d", json.dumps(body)],
         capture_output=True, text=True, timeout=180)
     out = json.loads(proc.stdout)
-    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"]["role"] == "assistant"
 
 
 # ---- behaviour -------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ def test_completions_list_of_prompts(client):
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     # Greedy: the two choices of one prompt agree; the prompts differ.
     assert out.choices[0].text == out.choices[1].text and out.choices[2].text == out.choices[3].text
-    single = client.completions.create(model=MODEL_ID, prompt="Red, green,", temperature=0, max_tokens=6)
+    single = client.completions.create(model=MODEL_ID, prompt="Red, green,", temperature=0,
+                                       max_tokens=6)
     assert single.choices[0].text == out.choices[2].text
     assert out.usage.prompt_tokens == sum(
         client.completions.create(model=MODEL_ID, prompt=p, max_tokens=1).usage.prompt_tokens
@@ -299,10 +301,11 @@ def test_errors_through_the_official_client(server, client):
     assert _error(e)["code"] == "model_not_found"
     for kw, param in [({"temperature": 3}, "temperature"), ({"n": 9}, "n"),
                       ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-                      ({"stop": ["x"] * 17}, "stop"), ({"presence_penalty": -5}, "presence_penalty"),
+                      ({"stop": ["x"] * 17}, "stop"),
+                      ({"presence_penalty": -5}, "presence_penalty"),
                       ({"response_format": {"type": "json_object"}}, "response_format"),
                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                      ({"stream_options": {"include_usage": True}}, None)]:
+                      ({"stream_options": {"include_usage": True}}, "stream_options")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2, **kw)
         err = _error(e)

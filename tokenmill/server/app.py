@@ -95,6 +95,6 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics():
-        return Response(metrics.render(engine), media_type=CONTENT_TYPE)
+        return Response(metrics.render(engine, state.in_flight), media_type=CONTENT_TYPE)
 
     return app

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from tokenmill.engine.async_llm import EngineDeadError
+from tokenmill.engine.llm_engine import PromptError
 from tokenmill.sampling_params import SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SamplingParamsError)
     async def _sampling(request: Request, exc: SamplingParamsError):
         return invalid_request(str(exc), exc.param, "invalid_value").response()
+
+    @app.exception_handler(PromptError)
+    async def _prompt(request: Request, exc: PromptError):
+        return invalid_request(str(exc), "messages" if "chat" in request.url.path else "prompt",
+                               "invalid_value").response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError):
+        log.error("engine is dead: %s", exc)
+        return unavailable("The inference engine stopped; retry on another replica.",
+                           "engine_unavailable").response()
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

@@ -44,7 +44,8 @@ class Metrics:
         self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
-    def render(self, engine) -> bytes:
+    def render(self, engine, in_flight: int) -> bytes:
+        self.in_flight.set(in_flight)
         stats = engine.stats()
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)

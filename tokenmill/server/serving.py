@@ -66,9 +66,14 @@ class OpenAIServing:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def check_model(self, model: str) -> None:
-        if model != self.settings.model_id:
-            raise model_not_found(model)
+    def check_request(self, req) -> None:
+        """Checks shared by both endpoints that pydantic cannot name a parameter for."""
+        if req.model != self.settings.model_id:
+            raise model_not_found(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' "
+                                  "is enabled.", "stream_options", "invalid_value")
+        self.check_response_format(req.response_format)
 
     @staticmethod
     def check_response_format(response_format: dict | None) -> None:
@@ -108,7 +113,7 @@ class OpenAIServing:
         self.check_token_ids(logit_bias, "logit_bias")
         stop_token_ids = tuple(req.stop_token_ids or ())
         self.check_token_ids(stop_token_ids, "stop_token_ids")
-        stop = () if req.stop is None else ((req.stop,) if isinstance(req.stop, str) else tuple(req.stop))
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         # SamplingParamsError propagates to its handler: a 400 naming the parameter.
         return SamplingParams(
             n=req.n,
@@ -137,7 +142,8 @@ class OpenAIServing:
         if len(prompts) == 1:
             gens = [self.engine.generate(prompts[0], params, request_id)]
         else:
-            gens = [self.engine.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
+            gens = [self.engine.generate(p, params, f"{request_id}-{i}")
+                    for i, p in enumerate(prompts)]
         return guarded(merge(gens), raw, self.settings.request_timeout_s)
 
     def observe(self, out: RequestOutput, timing: dict, now: float) -> None:

@@ -28,9 +28,9 @@ class ChatServing(OpenAIServing):
     endpoint = "chat"
 
     async def create(self, req: ChatCompletionRequest, raw: Request):
-        self.check_model(req.model)
+        self.check_request(req)
         self._check_supported(req)
-        prompt = self.render(req)
+        prompt = await asyncio.to_thread(self.render, req)  # a long prompt must not stall streams
         params = self.sampling_params(req, len(prompt), "messages")
         request_id = new_id("chatcmpl")
         ticket = self.state.admit()
@@ -45,7 +45,9 @@ class ChatServing(OpenAIServing):
             ticket.release()
 
     def _check_supported(self, req: ChatCompletionRequest) -> None:
-        self.check_response_format(req.response_format)
+        if req.top_logprobs and not req.logprobs:
+            raise invalid_request("top_logprobs requires logprobs to be true", "top_logprobs",
+                                  "invalid_value")
         if req.tools:
             raise not_supported("tools", "tools (function calling)")
         if req.tool_choice not in (None, "none", "auto"):

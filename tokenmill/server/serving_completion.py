@@ -29,9 +29,9 @@ class CompletionServing(OpenAIServing):
     endpoint = "completions"
 
     async def create(self, req: CompletionRequest, raw: Request):
-        self.check_model(req.model)
+        self.check_request(req)
         self._check_supported(req)
-        prompts = self.tokenize(req)
+        prompts = await asyncio.to_thread(self.tokenize, req)
         # One SamplingParams for all prompts: the longest one decides what fits.
         params = self.sampling_params(req, max(len(p) for p in prompts), "prompt")
         request_id = new_id("cmpl")
@@ -48,7 +48,6 @@ class CompletionServing(OpenAIServing):
             ticket.release()
 
     def _check_supported(self, req: CompletionRequest) -> None:
-        self.check_response_format(req.response_format)
         if req.suffix:
             raise not_supported("suffix", "suffix (fill-in-the-middle)")
         if req.best_of is not None and req.best_of != req.n:

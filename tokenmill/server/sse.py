@@ -1,7 +1,8 @@
 """Server-sent events framing for OpenAI streams.
 
-Every event is `data: <json>\\n\\n`; the stream ends with `data: [DONE]\\n\\n`. An error raised after
-the 200 went out cannot change the status, so it becomes `data: {"error": ...}` then `[DONE]`.
+Every event is `data: <json>` and a blank line; the stream ends with `data: [DONE]`. An error
+raised after the 200 went out cannot change the status: it becomes `data: {"error": ...}`, then
+`data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
-from tokenmill.server.errors import SERVER_ERROR, APIError, error_body
+from tokenmill.engine.async_llm import EngineDeadError
+from tokenmill.engine.llm_engine import PromptError
+from tokenmill.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,11 @@ async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
             yield chunk
     except APIError as exc:
         yield event(exc.body())
+    except PromptError as exc:
+        yield event(error_body(str(exc), INVALID_REQUEST, None, "invalid_value"))
+    except EngineDeadError:
+        yield event(error_body("The inference engine stopped.", SERVER_ERROR, None,
+                               "engine_unavailable"))
     except Exception:
         log.exception("error while streaming")
         yield event(error_body("The server had an error while processing your request.",

@@ -47,8 +47,8 @@ async def guarded(items: AsyncIterator[T], raw: Request, timeout_s: float) -> As
     try:
         while True:
             nxt = asyncio.ensure_future(items.__anext__())
-            done, _ = await asyncio.wait({nxt, disconnect}, timeout=max(0.0, deadline - loop.time()),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({nxt, disconnect}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(0.0, deadline - loop.time()))
             if nxt in done:
                 try:
                     item = nxt.result()
