@@ -145,7 +145,7 @@ def test_preemption_then_resume_gives_identical_output(loaded_default_model,
 @pytest.mark.parametrize("abort_after_steps", [0, 1, 3, 6])
 def test_abort_at_any_moment_frees_everything(engine, prompts, abort_after_steps):
     long_prompt = prompts[7] * 12  # > one 512-token step budget: aborted mid-prefill at step 1
-    params = SamplingParams(temperature=0.0, max_tokens=32)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for i, ids in enumerate([long_prompt, prompts[1], prompts[2]]):
         engine.add_request(f"x{i}", ids, params)
     for _ in range(abort_after_steps):

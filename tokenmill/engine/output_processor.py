@@ -90,7 +90,8 @@ class OutputProcessor:
         if matched is not None:
             req.stop_reason = matched
             return self._finish(state, text, new_ids, logprob_list, "stop", matched)
-        if req.is_finished:
+        if req.is_finished:  # release text held back for a partial character or stop string
+            text += state.stop_matcher.feed(state.detokenizer.flush())[0]
             text += state.stop_matcher.flush()
             return self._finish(state, text, new_ids, logprob_list, req.finish_reason,
                                 req.stop_reason)
