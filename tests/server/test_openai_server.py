@@ -383,6 +383,10 @@ async def test_hangups_abort_and_free_the_engine(server):
     assert time.monotonic() - start < 15
     await normal.close()
     await asyncio.to_thread(wait_idle, server)
+    deadline = time.monotonic() + 5  # and no admission slot leaked in the HTTP layer
+    while metric(server, "tokenmill_http_requests_in_flight") != 0:
+        assert time.monotonic() < deadline, "in-flight HTTP requests did not return to 0"
+        await asyncio.sleep(0.1)
     text = httpx.get(server.base_url + "/metrics").text
     assert "tokenmill_requests_total{endpoint=\"chat\",outcome=\"disconnected\"}" in text
 

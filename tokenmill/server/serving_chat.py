@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from tokenmill.engine.outputs import TokenLogprobs
@@ -37,8 +37,7 @@ class ChatServing(OpenAIServing):
         timing = {"start": time.monotonic()}
         if req.stream:
             body = self._stream(req, prompt, params, request_id, raw, ticket, timing)
-            return StreamingResponse(sse.with_error_events(body), media_type=sse.MEDIA_TYPE,
-                                     headers=sse.HEADERS)
+            return sse.EventStreamResponse(body, on_close=ticket.release)
         try:
             return await self._full(req, prompt, params, request_id, raw, timing)
         finally:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
@@ -40,8 +40,7 @@ class CompletionServing(OpenAIServing):
         timing = {"start": time.monotonic()}
         if req.stream:
             body = self._stream(req, prompts, echo, params, request_id, raw, ticket, timing)
-            return StreamingResponse(sse.with_error_events(body), media_type=sse.MEDIA_TYPE,
-                                     headers=sse.HEADERS)
+            return sse.EventStreamResponse(body, on_close=ticket.release)
         try:
             return await self._full(req, prompts, echo, params, request_id, raw, timing)
         finally:

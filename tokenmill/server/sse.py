@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
+from starlette.responses import StreamingResponse
 
 from tokenmill.engine.async_llm import EngineDeadError
 from tokenmill.engine.llm_engine import PromptError
@@ -31,6 +32,21 @@ def event(payload: BaseModel | dict, exclude: set[str] | None = None) -> bytes:
     else:
         data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends, even when the client left before
+    the body generator started (then the generator's own `finally` never runs)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(with_error_events(chunks), media_type=MEDIA_TYPE, headers=HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
