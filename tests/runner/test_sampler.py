@@ -298,3 +298,27 @@ def test_same_seed_same_tokens_alone_or_in_any_batch_position():
 
 def test_different_seeds_differ():
     assert run_target(TARGET, batched=False) != run_target({**TARGET, "seed": 4321}, batched=False)
+
+
+def sorted_top_k_top_p(logits, top_k, top_p):
+    """Reference: the definition by one stable full sort per row."""
+    out = logits.clone()
+    for row, k, p in zip(out, top_k.tolist(), top_p.tolist()):
+        values, order = row.sort(descending=True, stable=True)
+        if k > 0:
+            values = values.masked_fill(values < values[k - 1], -INF)
+        mass_before = torch.nn.functional.pad(values.softmax(-1).cumsum(-1)[:-1], (1, 0))
+        drop = (values == -INF) | ((mass_before >= p) & (p < 1.0))
+        row[order[drop]] = -INF
+    return out
+
+
+def test_top_k_top_p_match_a_full_sort_on_a_large_vocab_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5000, generator=gen) * torch.tensor([[0.3], [1], [3], [8]] * 2)
+    logits[:, 2500:] = logits[:, :2500]  # every logit twice: ties everywhere, even at the cut
+    logits[:, 100:200] = -INF
+    top_k = torch.tensor([0, 0, 0, 0, 40, 1, 700, 0])
+    top_p = torch.tensor([0.9, 0.99, 0.5, 1.0, 0.9, 0.3, 0.95, 0.999])
+    expected = sorted_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(filter_logits(logits, top_k, top_p, None), expected)

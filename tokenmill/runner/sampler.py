@@ -73,38 +73,35 @@ def process_logits(
         index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
         logits = logits.index_put(index, torch.tensor(float("-inf"), device=device))
 
-    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if rows:
-        idx = torch.tensor(rows, device=device)
-        token_ids = _padded([requests[i].all_token_ids for i in rows], vocab, device)  # [R, L]
-        penalty = torch.tensor([params[i].repetition_penalty for i in rows], device=device)  # [R]
-        penalized = apply_repetition_penalty(logits[idx], token_ids, penalty)
-        logits = logits.index_copy(0, idx, penalized)
+    # Penalties run on the whole batch; rows that did not ask contribute no ids.
+    batch = list(zip(requests, params))
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = [r.all_token_ids if p.repetition_penalty != 1.0 else [] for r, p in batch]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)  # [B]
+        logits = apply_repetition_penalty(logits, _padded(seen, vocab, device), penalty)
 
-    rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-    if rows:
-        idx = torch.tensor(rows, device=device)
-        token_ids = _padded([requests[i].output_token_ids for i in rows], vocab, device)  # [R, L]
-        presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)  # [R]
-        frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)  # [R]
-        penalized = apply_presence_frequency(logits[idx], token_ids, presence, frequency)
-        logits = logits.index_copy(0, idx, penalized)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        seen = [r.output_token_ids if p.presence_penalty or p.frequency_penalty else []
+                for r, p in batch]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)  # [B]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)  # [B]
+        logits = apply_presence_frequency(logits, _padded(seen, vocab, device), presence, frequency)
     return logits
 
 
-def token_counts(token_ids: Tensor, vocab_size: int) -> Tensor:
-    """Occurrences of each id per row: token_ids [B, L] padded with `vocab_size` -> [B, V] float."""
-    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=counts.dtype))
-    return counts[:, :vocab_size]  # the padding column is dropped
+def _occurrences(token_ids: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """The (row, id) pairs of token_ids [B, L] padded with `vocab_size`, as two [N] tensors."""
+    rows, pos = (token_ids < vocab_size).nonzero(as_tuple=True)  # [N]
+    return rows, token_ids[rows, pos]
 
 
 def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: Tensor) -> Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: every id seen in token_ids [B, L] (prompt
-    and output, padded with V) has its logit divided by penalty [B] if positive, else multiplied."""
-    seen = token_counts(token_ids, logits.shape[1]) > 0  # [B, V]
-    p = penalty[:, None]
-    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    and output, padded with V) has its logit divided by penalty [B] if positive, else multiplied.
+    Only the seen entries are computed; a repeated id writes the same value twice."""
+    rows, cols = _occurrences(token_ids, logits.shape[1])  # [N]
+    seen, p = logits[rows, cols], penalty[rows]  # [N]
+    return logits.index_put((rows, cols), torch.where(seen > 0, seen / p, seen * p))
 
 
 def apply_presence_frequency(
@@ -112,8 +109,13 @@ def apply_presence_frequency(
 ) -> Tensor:
     """OpenAI penalties over the generated ids token_ids [B, L] (padded with V):
     logit -= presence * (count > 0) + frequency * count, with presence and frequency [B]."""
-    counts = token_counts(token_ids, logits.shape[1])  # [B, V]
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    rows, cols = _occurrences(token_ids, logits.shape[1])  # [N]
+    _, pair, counts = torch.unique(rows * logits.shape[1] + cols, return_inverse=True,
+                                   return_counts=True)
+    count = counts[pair].to(logits.dtype)  # [N], occurrences of each entry's (row, id)
+    seen = logits[rows, cols]  # [N]
+    penalized = seen - frequency[rows] * count - presence[rows] * (count > 0)
+    return logits.index_put((rows, cols), penalized)
 
 
 def compute_logprobs(
@@ -143,15 +145,14 @@ def sample(logits: Tensor, requests: list[Request]) -> Tensor:
     """Stage 3: one token id per row [B]. temperature 0 is argmax (ties: lowest id); otherwise
     logits / temperature, filter_logits, then the exponential race argmax(probs / q), q ~ Exp(1),
     which draws token i with probability probs[i] and lets each row use its own generator."""
-    token_ids = logits.argmax(dim=-1)  # [B]
     rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
     if not rows:
-        return token_ids
+        return logits.argmax(dim=-1)
     device = logits.device
     params = [requests[i].sampling_params for i in rows]
-    idx = torch.tensor(rows, device=device)
+    idx = None if len(rows) == len(requests) else torch.tensor(rows, device=device)  # [R]
     temperature = torch.tensor([p.temperature for p in params], device=device)  # [R]
-    scaled = logits[idx] / temperature[:, None]  # [R, V]
+    scaled = (logits if idx is None else logits[idx]) / temperature[:, None]  # [R, V]
     top_k = top_p = min_p = None
     if any(p.top_k_enabled for p in params):
         top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
@@ -161,7 +162,8 @@ def sample(logits: Tensor, requests: list[Request]) -> Tensor:
         min_p = torch.tensor([p.min_p for p in params], device=device)
     probs = filter_logits(scaled, top_k, top_p, min_p).softmax(dim=-1)  # [R, V]
     q = _exponential(probs.shape, [requests[i].generator for i in rows], device)  # [R, V]
-    return token_ids.index_copy(0, idx, (probs / q).argmax(dim=-1))
+    drawn = (probs / q).argmax(dim=-1)  # [R]
+    return drawn if idx is None else logits.argmax(dim=-1).index_copy(0, idx, drawn)
 
 
 def filter_logits(
@@ -173,21 +175,19 @@ def filter_logits(
     top_p [B]: keep the smallest most-likely-first set whose mass reaches top_p (vLLM); among
       equal probabilities the lower id comes first; at least one token; 1.0: off.
     min_p [B]: drop tokens whose probability < min_p * the largest probability; 0.0: off.
-    A stage whose tensor is None is skipped.
+    A stage whose tensor is None is skipped. No stage sorts the whole vocabulary (see _top_p_cut).
     """
     vocab = logits.shape[1]
-    if top_k is not None or top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V]
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)  # [B, V], in sorted order
-        if top_k is not None:
-            k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)  # [B]
-            drop = sorted_logits < sorted_logits.gather(1, (k - 1)[:, None])
-        if top_p is not None:
-            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)  # [B, V]
-            mass_before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # exclusive cumsum
-            p = top_p[:, None]
-            drop = drop | ((mass_before >= p) & (p < 1.0))
-        logits = logits.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
+    if top_k is not None:
+        k = top_k.clamp(1, vocab)  # [B]
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [B, 1]
+        kth = kth.masked_fill(top_k[:, None] <= 0, float("-inf"))  # rows without top_k keep all
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        value, last_id = _top_p_cut(logits, top_p)  # [B, 1] each
+        ids = torch.arange(vocab, device=logits.device)  # [V]
+        drop = (logits < value) | ((logits == value) & (ids > last_id))  # [B, V]
+        logits = logits.masked_fill(drop, float("-inf"))
     if min_p is not None:
         probs = logits.softmax(dim=-1)  # [B, V]
         floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values  # [B, 1]
@@ -195,16 +195,62 @@ def filter_logits(
     return logits
 
 
+TOP_P_WIDTH = 256  # candidates first looked at per top_p row; x4 for the rows it does not settle
+
+
+def _top_p_cut(logits: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """The last token top_p keeps in each row of logits [B, V], as its logit and id [B, 1] each:
+    the kept set is every logit above it plus its ties up to its id.
+
+    Works on the `width` most likely tokens in most-likely-first order (ties: lower id first)
+    instead of a full sort: the kept prefix is final once the mass reaches top_p at a logit
+    strictly above the smallest candidate (so no tie of it was left out), or the candidates hold
+    every finite logit or the whole vocabulary; unsettled rows retry with 4x the width.
+    """
+    vocab = logits.shape[1]
+    probs = logits.softmax(dim=-1)  # [B, V]
+    value = torch.full_like(top_p, float("-inf"))[:, None]  # [B, 1]; -inf, V: keep everything
+    last_id = torch.full_like(value, vocab, dtype=torch.long)  # [B, 1]
+    todo = (top_p < 1.0).nonzero().squeeze(1)  # [P], rows still to settle
+    width = min(vocab, TOP_P_WIDTH)
+    while todo.numel():
+        rows = logits if todo.numel() == logits.shape[0] else logits[todo]  # [P, V]
+        vals, ids = _sorted_head(rows, width)  # [P, W]
+        mass_before = F.pad(probs[todo[:, None], ids].cumsum(dim=-1)[:, :-1], (1, 0))  # [P, W]
+        last = (mass_before < top_p[todo, None]).sum(dim=-1, keepdim=True) - 1  # [P, 1]
+        cut, smallest = vals.gather(1, last), vals[:, -1:]  # [P, 1]
+        settled = ((last < width - 1) & (cut > smallest)) | (smallest == float("-inf"))
+        settled = (settled | (width == vocab)).squeeze(1)  # [P]
+        value[todo[settled]] = cut[settled]
+        last_id[todo[settled]] = ids.gather(1, last)[settled]
+        todo, width = todo[~settled], min(vocab, 4 * width)
+    return value, last_id
+
+
+def _sorted_head(logits: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The `width` largest logits of each row [B, W] and their ids, largest first, equal logits
+    by increasing id (the order of a stable descending sort)."""
+    if width == logits.shape[1]:
+        return logits.sort(dim=-1, descending=True, stable=True)
+    vals, ids = logits.topk(width, dim=-1)  # [B, W], ties in no particular order
+    ids, order = ids.sort(dim=-1)
+    vals, order = vals.gather(1, order).sort(dim=-1, descending=True, stable=True)
+    return vals, ids.gather(1, order)
+
+
 def _exponential(
     shape: torch.Size, generators: list[torch.Generator | None], device: torch.device
 ) -> Tensor:
     """q ~ Exp(1) of `shape` [R, V]: a row with a generator draws from it alone (so its token does
-    not depend on the rest of the batch); the other rows share one draw from the global RNG."""
-    q = torch.empty(shape, device=device)
+    not depend on the rest of the batch); the other rows take -log(U), U ~ Uniform[0, 1) from the
+    global RNG, several times cheaper on CPU than exponential_ for the same distribution."""
+    q = torch.empty(shape, device=device)  # [R, V]
     unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        idx = torch.tensor(unseeded, device=device)
-        q.index_copy_(0, idx, torch.empty(len(unseeded), shape[1], device=device).exponential_())
+    if len(unseeded) == len(generators):
+        q.uniform_().log_().neg_()
+    elif unseeded:
+        draw = torch.rand(len(unseeded), shape[1], device=device).log_().neg_()  # [U, V]
+        q.index_copy_(0, torch.tensor(unseeded, device=device), draw)
     for i, gen in enumerate(generators):
         if gen is not None:
             q[i] = torch.empty(shape[1], device=gen.device).exponential_(generator=gen)
