@@ -2,7 +2,8 @@
 
 Measures, in one run and on the same weights (float32 on CPU):
   - batch-1 decode tokens/s (one request, greedy, ignore_eos)
-  - aggregate output tokens/s of 16 concurrent requests of different lengths that join and leave
+  - aggregate output tokens/s with 16 requests of different lengths in flight, joining and
+    leaving (closed loop, 48 requests), and of one wave of 16 that joins in two halves and drains
   - prefill tokens/s (one long prompt, time to first token)
   - peak RSS of the process
   - transformers' generate: batch-1 decode and a static batch of 16 (left-padded)
@@ -64,6 +65,23 @@ def bench_concurrent(engine: LLMEngine, prompts: list[list[int]], n_tokens: int)
     return total / (time.perf_counter() - start)
 
 
+def bench_closed_loop(engine: LLMEngine, prompts: list[list[int]], n_tokens: int,
+                      concurrency: int = 16, num_requests: int = 48) -> float:
+    """vLLM's --max-concurrency shape: `concurrency` requests in flight; as one leaves, the next
+    joins. Output lengths cycle over [n/2, 3n/2], so requests join and leave at every step."""
+    lengths = [n_tokens // 2 + (n_tokens * (i * 7 % 16)) // 15 for i in range(num_requests)]
+    start, total, next_id, in_flight = time.perf_counter(), 0, 0, 0
+    while next_id < num_requests or engine.has_unfinished_requests():
+        while in_flight < concurrency and next_id < num_requests:
+            engine.add_request(f"q{next_id}", prompts[next_id % len(prompts)], SamplingParams(
+                temperature=0.0, max_tokens=lengths[next_id], ignore_eos=True))
+            next_id, in_flight = next_id + 1, in_flight + 1
+        for out in engine.step():
+            total += len(out.new_token_ids)
+            in_flight -= out.finished
+    return total / (time.perf_counter() - start)
+
+
 def bench_prefill(engine: LLMEngine, prompt: list[int]) -> float:
     start = time.perf_counter()
     engine.add_request("pf", prompt, SamplingParams(temperature=0.0, max_tokens=1))
@@ -120,7 +138,10 @@ def main() -> None:
     engine.scheduler.block_manager.reset_prefix_cache()
     results = {
         "batch-1 decode tok/s": bench_batch1(engine, prompts[0], args.decode_tokens),
-        "16 concurrent, output tok/s": bench_concurrent(engine, prompts, args.decode_tokens),
+        "16 in flight, closed loop, output tok/s": bench_closed_loop(engine, prompts,
+                                                                     args.decode_tokens),
+        "16 staggered then draining, output tok/s": bench_concurrent(engine, prompts,
+                                                                     args.decode_tokens),
         f"prefill tok/s ({args.prefill_tokens}-token prompt)": bench_prefill(engine, long_prompt),
     }
     results["peak RSS MiB (tokenmill)"] = peak_rss_mib()

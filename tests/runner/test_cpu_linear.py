@@ -1,0 +1,54 @@
+"""oneDNN-prepacked linears: same results as nn.Linear, swapped in place, idempotent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tokenmill.runner.cpu_linear import PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
+                                reason="this torch build has no oneDNN (mkldnn) CPU backend")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_linear_equals_nn_linear(bias, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear.weight, linear.bias)(x), linear(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_keeps_leading_dims():
+    linear = nn.Linear(8, 4, bias=False)
+    with torch.inference_mode():
+        assert PackedLinear(linear.weight)(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+
+
+def test_pack_linears_replaces_every_linear_once():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        expected = model(x)
+        assert pack_linears(model) == 3
+        assert pack_linears(model) == 0  # idempotent: engines sharing a model may each pack it
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_runner_packs_the_tied_lm_head(loaded_default_model):
+    from tokenmill.config import CacheConfig
+    from tokenmill.runner.model_runner import ModelRunner
+
+    runner = ModelRunner(loaded_default_model, CacheConfig(num_blocks=4), torch.device("cpu"),
+                         torch.float32)
+    model = runner.model
+    assert isinstance(model.lm_head, PackedLinear)
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        reference = hidden @ model.model.embed_tokens.weight.T  # [3, V]
+        torch.testing.assert_close(model.compute_logits(hidden), reference, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,43 @@
+"""Linear layers with oneDNN-prepacked weights: the runner's CPU float32 fast path.
+
+A decode step multiplies a few rows (M = 1..64) by every weight matrix. MKL's GEMM re-blocks the
+plain [N, K] weight on every call; oneDNN reorders it once into its blocked layout. Measured on
+2 AVX2 cores over all linears of SmolLM2-135M: M=1 46 -> 32 ms, M=16 55 -> 40 ms,
+M=64 131 -> 81 ms; the tied 49152x576 LM head at M=16 17 -> 9 ms. Results differ from MKL's only
+by float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) with W held as a oneDNN tensor; a drop-in for an inference nn.Linear."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = weight.detach().to_mkldnn()  # [N, K], oneDNN blocked layout
+        self.packed_bias = None if bias is None else bias.detach().to_mkldnn()  # [N]
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., K] -> [..., N]
+        rows = x.reshape(-1, self.in_features).contiguous().to_mkldnn()  # [M, K]
+        y = torch._C._nn.mkldnn_linear(rows, self.packed_weight, self.packed_bias)
+        return y.to_dense().view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear in `model` by a PackedLinear, in place; returns how many."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child.weight, child.bias))
+                replaced += 1
+    return replaced
