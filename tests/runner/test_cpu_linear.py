@@ -40,7 +40,7 @@ def test_pack_linears_replaces_every_linear_once():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_runner_packs_the_tied_lm_head(loaded_default_model):
+def test_runner_packs_a_copy_and_the_tied_lm_head(loaded_default_model):
     from tokenmill.config import CacheConfig
     from tokenmill.runner.model_runner import ModelRunner
 
@@ -48,6 +48,9 @@ def test_runner_packs_the_tied_lm_head(loaded_default_model):
                          torch.float32)
     model = runner.model
     assert isinstance(model.lm_head, PackedLinear)
+    assert loaded_default_model.model.lm_head is None  # the loaded model is never mutated
+    assert isinstance(loaded_default_model.model.model.layers[0].mlp.up_proj, nn.Linear)
+    assert model.model.embed_tokens.weight is loaded_default_model.model.model.embed_tokens.weight
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.inference_mode():
         reference = hidden @ model.model.embed_tokens.weight.T  # [3, V]

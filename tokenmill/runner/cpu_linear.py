@@ -9,6 +9,8 @@ by float32 summation order.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +32,22 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous().to_mkldnn()  # [M, K]
         y = torch._C._nn.mkldnn_linear(rows, self.packed_weight, self.packed_bias)
         return y.to_dense().view(*x.shape[:-1], self.out_features)
+
+
+def packed_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose linears (and tied LM head) are packed; the original is untouched.
+
+    Only the module tree is copied: every tensor is shared (deepcopy's memo maps each to itself),
+    and the packed weights replace the linears in the copy alone. So a LoadedModel stays what it
+    was loaded as, whoever runs it, and the plain linear weights are freed once the caller drops
+    the original.
+    """
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, memo=shared)
+    pack_linears(clone)
+    if getattr(clone, "lm_head", False) is None:  # tied embeddings: a packed copy as the head
+        clone.lm_head = PackedLinear(clone.model.embed_tokens.weight)
+    return clone
 
 
 def pack_linears(model: nn.Module) -> int:

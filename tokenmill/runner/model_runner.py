@@ -13,7 +13,7 @@ from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
 from tokenmill.engine.request import Request
 from tokenmill.models.loader import LoadedModel
-from tokenmill.runner.cpu_linear import PackedLinear, can_pack, pack_linears
+from tokenmill.runner.cpu_linear import can_pack, packed_copy
 from tokenmill.runner.input_batch import InputBatch
 from tokenmill.runner.sampler import Sampler
 
@@ -42,7 +42,7 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
         if can_pack(device, dtype):
-            _pack_for_cpu(self.model)
+            self.model = packed_copy(self.model)
 
     @torch.inference_mode()
     def compute_logits(self, sched_out: SchedulerOutput) -> tuple[list[Request], Tensor]:
@@ -62,10 +62,3 @@ class ModelRunner:
         return RunnerOutput([r.request_id for r in requests], list(out.token_ids),
                             list(out.logprobs))
 
-
-def _pack_for_cpu(model: torch.nn.Module) -> None:
-    """Prepack every linear (and a tied LM head) for oneDNN, in place. Idempotent, so engines
-    that share one loaded model may each call it."""
-    pack_linears(model)
-    if getattr(model, "lm_head", False) is None:  # tied: a packed copy of the embedding
-        model.lm_head = PackedLinear(model.model.embed_tokens.weight)
