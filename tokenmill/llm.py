@@ -14,9 +14,8 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import TokenLogprobs
 from tokenmill.models.default import default_model_path
+from tokenmill.prompts import Messages, encode_prompt, render_chat
 from tokenmill.sampling_params import SamplingParams
-
-Messages = list[dict]
 
 
 @dataclass
@@ -50,20 +49,15 @@ class LLM:
         """Complete raw prompts (text, or token ids used as they are)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        ids = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
         return self._run(ids, params or SamplingParams(), use_tqdm)
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[GenerationResult]:
         """Complete conversations rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        ids = [self.encode_chat(m) for m in conversations]
+        ids = [render_chat(self.tokenizer, m) for m in conversations]
         return self._run(ids, params or SamplingParams(), use_tqdm)
-
-    def encode_chat(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams,
              use_tqdm: bool) -> list[GenerationResult]:
