@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 8
+MAX_STOP = 16  # stop sequences per request, as OpenAI allows
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as OpenAI's `seed` is
 
 
 class SamplingParamsError(ValueError):
@@ -93,7 +95,12 @@ class SamplingParams:
             "logprobs",
             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
         )
-        check(len(self.stop) <= 16, "stop", "at most 16 stop sequences")
+        check(len(self.stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop sequences")
+        check(
+            self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+            "seed",
+            f"seed must be a signed 64-bit integer, in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+        )
         check(all(s for s in self.stop), "stop", "stop sequences must be non-empty")
 
     @property
