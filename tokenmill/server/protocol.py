@@ -99,11 +99,17 @@ class _SamplingFields(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias_keys(cls, v):
-        for key in v or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-        return v
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[int, float] | None:
+        """JSON keys are strings; convert them to token ids here, once (range: serving)."""
+        if v is None:
+            return None
+        out = {}
+        for key, bias in v.items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        return out
 
     @property
     def include_usage(self) -> bool:

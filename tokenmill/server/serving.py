@@ -109,7 +109,7 @@ class OpenAIServing:
                 param)
         else:
             max_tokens = asked
-        logit_bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        logit_bias = req.logit_bias or {}  # token id -> bias, keys converted by protocol
         self.check_token_ids(logit_bias, "logit_bias")
         stop_token_ids = tuple(req.stop_token_ids or ())
         self.check_token_ids(stop_token_ids, "stop_token_ids")
