@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from tokenmill.engine.outputs import TokenLogprobs
+from tokenmill.prompts import render_chat
 from tokenmill.server import sse
 from tokenmill.server.errors import invalid_request, not_supported
 from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
@@ -62,11 +63,9 @@ class ChatServing(OpenAIServing):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+            return render_chat(self.tokenizer, messages)
         except Exception as exc:  # the template refused this conversation (jinja raise_exception)
             raise invalid_request(f"The chat template rejected the messages: {exc}", "messages")
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _logprobs(self, entries: list[TokenLogprobs], k: int) -> ChoiceLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+from tokenmill.prompts import encode_prompt
 from tokenmill.server import sse
 from tokenmill.server.errors import invalid_request, not_supported
 from tokenmill.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
@@ -57,9 +58,9 @@ class CompletionServing(OpenAIServing):
     def tokenize(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p, add_special_tokens=False)]
+            prompts = [encode_prompt(self.tokenizer, p)]
         elif isinstance(p[0], str):
-            prompts = [self.tokenizer.encode(s, add_special_tokens=False) for s in p]
+            prompts = [encode_prompt(self.tokenizer, s) for s in p]
         elif isinstance(p[0], int):
             prompts = [list(p)]
         else:
