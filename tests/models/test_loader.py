@@ -98,3 +98,39 @@ def test_registry_supports_llama_and_full_window_mistral():
 def test_registry_rejects_later_issues_clearly(kw, match):
     with pytest.raises(NotImplementedError, match=match):
         model_class(_config(**kw))
+
+
+def test_engine_serves_a_sliding_window_mistral_within_its_window(tmp_path, tiny_llama_dir):
+    """The window check uses the context actually served: max_model_len <= window loads."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.sampling_params import SamplingParams
+
+    config = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, sliding_window=64, rms_norm_eps=1e-5,
+                           bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    reference = MistralForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path)
+
+    def engine(**options):
+        return LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu",
+                                      kv_cache_gib=0.001, **options))
+
+    with pytest.raises(NotImplementedError, match="sliding window of 64"):
+        engine()
+    served = engine(max_model_len=64)
+    prompt = [5, 17, 42, 99, 8, 250, 3]
+    served.add_request("m", prompt, SamplingParams(temperature=0.0, max_tokens=12,
+                                                   ignore_eos=True))
+    tokens = []
+    while served.has_unfinished_requests():
+        tokens += [t for out in served.step() for t in out.new_token_ids]
+    with torch.inference_mode():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert tokens == expected.tolist()

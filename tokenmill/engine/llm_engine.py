@@ -47,7 +47,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         started = time.monotonic()
-        loaded = loaded or load_model(config.model, dtype, device)
+        loaded = loaded or load_model(config.model, dtype, device, config.max_model_len)
         self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, dtype))
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

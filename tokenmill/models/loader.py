@@ -26,10 +26,11 @@ class LoadedModel:
     model: nn.Module  # in eval mode, weights in the served dtype on the served device
     config: ModelConfig  # what the engine needs to know of the architecture
     tokenizer: Any  # a transformers tokenizer, with the chat template
-    hf_config: Any  # the transformers PretrainedConfig it came from
 
 
-def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype, device: torch.device,
+               max_model_len: int | None = None) -> LoadedModel:
+    """Load a model to serve `max_model_len` tokens (None: the model's own context length)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         hf_config, tokenizer = load_gguf_config_and_tokenizer(path)
@@ -43,7 +44,7 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
     if tokenizer.eos_token_id is not None:
         extra_eos += (tokenizer.eos_token_id,)
     config = ModelConfig.from_hf(hf_config, extra_eos_ids=extra_eos)
-    cls = model_class(config)
+    cls = model_class(config, max_model_len)
     with torch.device("meta"):
         model = cls(config)
     if path.suffix == ".gguf":
@@ -51,7 +52,7 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
     else:
         weights = iter_hf_weights(path)
     assign_weights(model, weights, dtype, device)
-    return LoadedModel(model.to(device).eval(), config, tokenizer, hf_config)
+    return LoadedModel(model.to(device).eval(), config, tokenizer)
 
 
 def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

@@ -20,7 +20,6 @@ from tokenmill.runner.attention import AttentionMetadata, TorchAttentionMetadata
 
 @dataclass
 class InputBatch:
-    rows: list[ScheduledRequest]  # batch order: query length 1 first, then the others
     input_ids: Tensor  # [T] int64
     positions: Tensor  # [T] int64
     attn: AttentionMetadata  # index tensors shared by all layers
@@ -30,7 +29,9 @@ class InputBatch:
     @classmethod
     def build(cls, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
               backend: type[AttentionMetadata] = TorchAttentionMetadata) -> InputBatch:
-        rows = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # stable
+        # Batch order: query length 1 first (the attention backend's contract). The scheduler
+        # already emits this order; sorting (stable) keeps the runner correct on its own.
+        rows = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         input_ids: list[int] = []
         positions: list[int] = []
         sample_indices: list[int] = []
@@ -49,7 +50,6 @@ class InputBatch:
             device=device,
         )
         return cls(
-            rows=rows,
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attn=attn,

@@ -31,7 +31,6 @@ class ModelRunner:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
         self.model = loaded.model
-        self.config = c
         self.device = device
         self.block_size = cache_config.block_size
         # One allocation, zeroed: padded gathers read slots that were never written.
