@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from tokenmill.sampling_params import SamplingParamsError
 from tokenmill.server import sse
 from tokenmill.server.auth import (Authenticator, KeyStore, ensure_admin_key, hash_key)
 from tokenmill.server.errors import APIError
@@ -81,3 +82,15 @@ async def test_sse_unexpected_error_hides_details():
 
     frames = [f async for f in sse.with_error_events(broken())]
     assert b"secret" not in frames[0] and b"internal_error" in frames[0] and frames[1] == sse.DONE
+
+
+async def test_sse_error_events_map_like_json_errors():
+    async def broken():
+        raise SamplingParamsError("seed", "seed out of range")
+        yield b""
+
+    frames = [f async for f in sse.with_error_events(broken())]
+    assert json.loads(frames[0][len(b"data: "):]) == {"error": {
+        "message": "seed out of range", "type": "invalid_request_error", "param": "seed",
+        "code": "invalid_value"}}
+    assert frames[1] == sse.DONE

@@ -74,6 +74,32 @@ def not_supported(param: str, what: str) -> APIError:
     return invalid_request(f"{what} is not supported yet", param, "unsupported_parameter")
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
+                    INVALID_REQUEST, None, "request_too_large")
+
+
+def internal_error() -> APIError:
+    return APIError(500, "The server had an error while processing your request.",
+                    SERVER_ERROR, None, "internal_error")
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The one mapping from an exception to the error a client sees, for JSON responses and SSE
+    error events alike. Unexpected exceptions become a 500 that reveals nothing of `exc`."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return validation_error_to_api_error(list(exc.errors()))
+    if isinstance(exc, SamplingParamsError):
+        return invalid_request(str(exc), exc.param, "invalid_value")
+    if isinstance(exc, PromptError):  # routes check prompts first and name the parameter
+        return invalid_request(str(exc), None, "invalid_value")
+    if isinstance(exc, EngineDeadError):
+        return unavailable("The inference engine stopped.", "engine_unavailable")
+    return internal_error()
+
+
 def validation_error_to_api_error(errors: list[dict]) -> APIError:
     """Map pydantic's error list to one 400 naming the first offending field."""
     if not errors:
@@ -103,29 +129,6 @@ def _is_type_label(part: str) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error_to_api_error(list(exc.errors())).response()
-
-    @app.exception_handler(SamplingParamsError)
-    async def _sampling(request: Request, exc: SamplingParamsError):
-        return invalid_request(str(exc), exc.param, "invalid_value").response()
-
-    @app.exception_handler(PromptError)
-    async def _prompt(request: Request, exc: PromptError):
-        return invalid_request(str(exc), "messages" if "chat" in request.url.path else "prompt",
-                               "invalid_value").response()
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError):
-        log.error("engine is dead: %s", exc)
-        return unavailable("The inference engine stopped; retry on another replica.",
-                           "engine_unavailable").response()
-
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         if exc.status_code == 404:
@@ -143,8 +146,18 @@ def install_error_handlers(app: FastAPI) -> None:
                            INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR)
         return err.response()
 
+    async def _mapped(request: Request, exc: Exception):
+        if isinstance(exc, EngineDeadError):
+            log.error("engine is dead: %s", exc)
+        return to_api_error(exc).response()
+
+    # Each class by name: Starlette sends only a handler for Exception itself to its outermost
+    # middleware, which re-raises after responding.
+    for cls in (APIError, RequestValidationError, SamplingParamsError, PromptError,
+                EngineDeadError):
+        app.add_exception_handler(cls, _mapped)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "The server had an error while processing your request.",
-                        SERVER_ERROR, None, "internal_error").response()
+        return to_api_error(exc).response()

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -12,7 +11,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from tokenmill.server.auth import Authenticator
-from tokenmill.server.errors import APIError, unavailable
+from tokenmill.server.errors import APIError, too_large, unavailable
 from tokenmill.server.state import ServerState
 
 log = logging.getLogger("tokenmill.http")
@@ -40,7 +39,7 @@ class GuardMiddleware:
         try:
             error = self._check(scope)
             if error is not None:
-                await _send_error(send_logged, error)
+                await error.response()(scope, receive, send_logged)
             else:
                 await self.app(scope, self._limited(receive), send_logged)
         finally:
@@ -61,7 +60,7 @@ class GuardMiddleware:
                 return unavailable("The server is shutting down.", "server_draining")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return _too_large(self.max_body)
+            return too_large(self.max_body)
         return None
 
     def _limited(self, receive):
@@ -75,20 +74,8 @@ class GuardMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
                     # FastAPI re-raises HTTPException from body reading; the handler makes it a 413.
-                    raise HTTPException(413, _too_large(self.max_body).message)
+                    raise HTTPException(413, too_large(self.max_body).message)
             return message
 
         return wrapped
 
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
-                    "invalid_request_error", None, "request_too_large")
-
-
-async def _send_error(send, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
-from tokenmill.engine.async_llm import EngineDeadError
-from tokenmill.engine.llm_engine import PromptError
-from tokenmill.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
+from tokenmill.server.errors import APIError, to_api_error
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +52,9 @@ async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
     try:
         async for chunk in chunks:
             yield chunk
-    except APIError as exc:
-        yield event(exc.body())
-    except PromptError as exc:
-        yield event(error_body(str(exc), INVALID_REQUEST, None, "invalid_value"))
-    except EngineDeadError:
-        yield event(error_body("The inference engine stopped.", SERVER_ERROR, None,
-                               "engine_unavailable"))
-    except Exception:
-        log.exception("error while streaming")
-        yield event(error_body("The server had an error while processing your request.",
-                               SERVER_ERROR, None, "internal_error"))
+    except Exception as exc:
+        err = to_api_error(exc)
+        if err.code == "internal_error" and not isinstance(exc, APIError):
+            log.exception("error while streaming")
+        yield event(err.body())
     yield DONE
