@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from tokenmill.engine.async_llm import EngineDeadError
+from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
 
 REPLY = "Hello there, friend."
@@ -46,6 +47,16 @@ class FakeEngine:
         self.calls: list[tuple[list[int], object, str]] = []
         self.healthy = True
         self.fail_after: int | None = None  # raise EngineDeadError after this many outputs
+        self.engine = self  # AsyncLLM.engine, the LLMEngine: routes call its check_prompt
+
+    def check_prompt(self, prompt_token_ids, params):
+        """LLMEngine.check_prompt's rules."""
+        if not prompt_token_ids:
+            raise PromptError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_token_ids):
+            raise PromptError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(prompt_token_ids) + (params.max_tokens or 1) > self.max_model_len:
+            raise PromptError("too long for the context")
 
     async def generate(self, prompt_token_ids, params, request_id):
         self.calls.append((list(prompt_token_ids), params, request_id))

@@ -366,8 +366,20 @@ async def test_completions_stream_and_echo(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 5
 
 
+async def test_completions_echo_returns_the_prompt_strings_as_sent(client, engine):
+    engine.tokenizer.decode = None  # string prompts are echoed as sent, never re-decoded
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["ab", "cde"],
+                                                   "echo": True, "max_tokens": 2})
+    assert [c["text"] for c in r.json()["choices"]] == ["ab" + REPLY[:2], "cde" + REPLY[:2]]
+
+
 async def test_completions_token_ids_out_of_vocab(client):
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 100000]})
+    assert_error(r, 400, param="prompt")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 100000],
+                                                   "stream": True})
+    assert_error(r, 400, param="prompt")  # refused before the stream starts
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["ab", ""]})
     assert_error(r, 400, param="prompt")
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "suffix": "y"})
     assert_error(r, 400, param="suffix")

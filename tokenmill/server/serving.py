@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
@@ -87,6 +88,16 @@ class OpenAIServing:
             raise invalid_request(f"token id {bad[0]} is out of vocabulary "
                                   f"(vocab_size {self.vocab_size})", param, "invalid_value")
 
+    def check_prompts(self, prompts: list[list[int]], params: SamplingParams,
+                      prompt_param: str) -> None:
+        """The engine's own prompt check, run before the response starts (a stream cannot turn
+        into a 400 later); `prompt_param` is what the 400 names."""
+        for ids in prompts:
+            try:
+                self.engine.engine.check_prompt(ids, params)  # LLMEngine's: pure, thread-safe
+            except PromptError as exc:
+                raise invalid_request(str(exc), prompt_param, "invalid_value") from None
+
     def sampling_params(self, req, prompt_len: int, prompt_param: str) -> SamplingParams:
         """Build SamplingParams, refusing (never truncating) what does not fit the context."""
         max_len = self.engine.max_model_len
@@ -137,13 +148,13 @@ class OpenAIServing:
     # ---- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 raw: Request) -> AsyncIterator[RequestOutput]:
-        """Outputs of every prompt (engine ids `request_id` or `request_id-<i>`), guarded."""
-        if len(prompts) == 1:
-            gens = [self.engine.generate(prompts[0], params, request_id)]
-        else:
-            gens = [self.engine.generate(p, params, f"{request_id}-{i}")
-                    for i, p in enumerate(prompts)]
+                 raw: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt number, output) for every output of every prompt (engine ids `request_id`, or
+        `request_id-<p>` for several prompts), guarded against hang-ups and the deadline."""
+        ids = [request_id] if len(prompts) == 1 else \
+            [f"{request_id}-{p}" for p in range(len(prompts))]
+        gens = [_tagged(p, self.engine.generate(prompts[p], params, ids[p]))
+                for p in range(len(prompts))]
         return guarded(merge(gens), raw, self.settings.request_timeout_s)
 
     def observe(self, out: RequestOutput, timing: dict, now: float) -> None:
@@ -182,6 +193,15 @@ class OpenAIServing:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
+
+
+async def _tagged(tag: int, outputs: AsyncIterator[RequestOutput]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    try:
+        async for out in outputs:
+            yield tag, out
+    finally:
+        await outputs.aclose()  # aborts the engine request if it is still running
 
 
 def clean_logprob(value: float) -> float:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from tokenmill.engine.outputs import TokenLogprobs
 from tokenmill.prompts import render_chat
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
 from tokenmill.server.errors import invalid_request, not_supported
 from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
@@ -19,7 +20,6 @@ from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCh
                                        ChatCompletionResponse, ChoiceLogprobs, OtherPart,
                                        TokenLogprob, TopLogprob)
 from tokenmill.server.serving import OpenAIServing, UsageTally, clean_logprob, new_id
-from tokenmill.server.state import Ticket
 from tokenmill.server.streams import ClientDisconnected
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,13 @@ class ChatServing(OpenAIServing):
     async def create(self, req: ChatCompletionRequest, raw: Request):
         self.check_request(req)
         self._check_supported(req)
-        prompt = await asyncio.to_thread(self.render, req)  # a long prompt must not stall streams
-        params = self.sampling_params(req, len(prompt), "messages")
+        # Off the event loop: a long prompt must not stall other streams.
+        prompt, params = await asyncio.to_thread(self.prepare, req)
         request_id = new_id("chatcmpl")
         ticket = self.state.admit()
         timing = {"start": time.monotonic()}
         if req.stream:
-            body = self._stream(req, prompt, params, request_id, raw, ticket, timing)
+            body = self._stream(req, prompt, params, request_id, raw, timing)
             return sse.EventStreamResponse(body, on_close=ticket.release)
         try:
             return await self._full(req, prompt, params, request_id, raw, timing)
@@ -58,6 +58,12 @@ class ChatServing(OpenAIServing):
                     if isinstance(part, OtherPart):
                         raise not_supported(f"messages.{i}.content.{j}.type",
                                             f"content part type {part.type!r}")
+
+    def prepare(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        prompt = self.render(req)
+        params = self.sampling_params(req, len(prompt), "messages")
+        self.check_prompts([prompt], params, "messages")
+        return prompt, params
 
     def render(self, req: ChatCompletionRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -86,7 +92,7 @@ class ChatServing(OpenAIServing):
         finish: list[str | None] = [None] * params.n
         tally = UsageTally()
         try:
-            async for out in self.generate([prompt], params, request_id, raw):
+            async for _, out in self.generate([prompt], params, request_id, raw):
                 self.observe(out, timing, time.monotonic())
                 tally.add(out)
                 texts[out.index] += out.text
@@ -110,7 +116,7 @@ class ChatServing(OpenAIServing):
                                       system_fingerprint=self.settings.fingerprint)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _stream(self, req, prompt, params, request_id, raw, ticket: Ticket,
+    async def _stream(self, req, prompt, params, request_id, raw,
                       timing) -> AsyncIterator[bytes]:
         created = int(time.time())
         include_usage = req.include_usage
@@ -128,7 +134,7 @@ class ChatServing(OpenAIServing):
         try:
             for i in range(params.n):
                 yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
-            async for out in self.generate([prompt], params, request_id, raw):
+            async for _, out in self.generate([prompt], params, request_id, raw):
                 self.observe(out, timing, time.monotonic())
                 tally.add(out)
                 if out.text or out.logprobs:
@@ -147,5 +153,4 @@ class ChatServing(OpenAIServing):
             if not isinstance(exc, ClientDisconnected):
                 raise
         finally:
-            ticket.release()
             self.done(outcome, timing)

@@ -13,14 +13,14 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+from tokenmill.engine.outputs import TokenLogprobs
 from tokenmill.prompts import encode_prompt
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
-from tokenmill.server.errors import invalid_request, not_supported
+from tokenmill.server.errors import not_supported
 from tokenmill.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                                        CompletionRequest, CompletionResponse)
 from tokenmill.server.serving import OpenAIServing, UsageTally, clean_logprob, new_id
-from tokenmill.server.state import Ticket
 from tokenmill.server.streams import ClientDisconnected
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,13 @@ class CompletionServing(OpenAIServing):
     async def create(self, req: CompletionRequest, raw: Request):
         self.check_request(req)
         self._check_supported(req)
-        prompts = await asyncio.to_thread(self.tokenize, req)
-        # One SamplingParams for all prompts: the longest one decides what fits.
-        params = self.sampling_params(req, max(len(p) for p in prompts), "prompt")
+        # Off the event loop: a long prompt must not stall other streams.
+        prompts, echo, params = await asyncio.to_thread(self.prepare, req)
         request_id = new_id("cmpl")
-        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         ticket = self.state.admit()
         timing = {"start": time.monotonic()}
         if req.stream:
-            body = self._stream(req, prompts, echo, params, request_id, raw, ticket, timing)
+            body = self._stream(req, prompts, echo, params, request_id, raw, timing)
             return sse.EventStreamResponse(body, on_close=ticket.release)
         try:
             return await self._full(req, prompts, echo, params, request_id, raw, timing)
@@ -55,27 +53,25 @@ class CompletionServing(OpenAIServing):
         if req.echo and req.logprobs is not None:
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
 
-    def tokenize(self, req: CompletionRequest) -> list[list[int]]:
+    def prepare(self, req: CompletionRequest) -> tuple[list[list[int]], list[str],
+                                                       SamplingParams]:
+        """Token ids of each prompt, checked; the text `echo` puts before its choices (the
+        client's own string, or the decoded ids of a token-id prompt; "" without echo); and one
+        SamplingParams for all prompts, where the longest one decides what fits."""
         p = req.prompt
-        if isinstance(p, str):
-            prompts = [encode_prompt(self.tokenizer, p)]
-        elif isinstance(p[0], str):
-            prompts = [encode_prompt(self.tokenizer, s) for s in p]
-        elif isinstance(p[0], int):
-            prompts = [list(p)]
+        texts = None
+        if isinstance(p, str) or isinstance(p[0], str):
+            texts = [p] if isinstance(p, str) else list(p)
+            prompts = [encode_prompt(self.tokenizer, text) for text in texts]
         else:
-            prompts = [list(ids) for ids in p]
-        for ids in prompts:
-            if not ids:
-                raise invalid_request("The prompt must contain at least one token.", "prompt")
-            self.check_token_ids(ids, "prompt")
-        return prompts
-
-    def _index(self, out: RequestOutput, request_id: str, n: int) -> int:
-        """Choice index of an engine output: prompt number * n + choice number."""
-        if out.request_id == request_id:
-            return out.index
-        return int(out.request_id.rsplit("-", 1)[1]) * n + out.index
+            prompts = [list(p)] if isinstance(p[0], int) else [list(ids) for ids in p]
+        params = self.sampling_params(req, max(len(ids) for ids in prompts), "prompt")
+        self.check_prompts(prompts, params, "prompt")
+        if not req.echo:
+            return prompts, [""] * len(prompts), params
+        if texts is None:  # ids are in the vocabulary by now
+            texts = [self.tokenizer.decode(ids) for ids in prompts]
+        return prompts, texts, params
 
     def _logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> CompletionLogprobs:
         tokens, token_logprobs, top, offsets = [], [], [], []
@@ -97,10 +93,10 @@ class CompletionServing(OpenAIServing):
         finish: list[str | None] = [None] * total
         tally = UsageTally()
         try:
-            async for out in self.generate(prompts, params, request_id, raw):
+            async for p, out in self.generate(prompts, params, request_id, raw):
                 self.observe(out, timing, time.monotonic())
                 tally.add(out)
-                i = self._index(out, request_id, n)
+                i = p * n + out.index
                 texts[i] += out.text
                 logprobs[i].extend(out.logprobs)
                 if out.finished:
@@ -123,7 +119,7 @@ class CompletionServing(OpenAIServing):
                                   system_fingerprint=self.settings.fingerprint)
         return JSONResponse(body.model_dump(mode="json"))
 
-    async def _stream(self, req, prompts, echo, params, request_id, raw, ticket: Ticket,
+    async def _stream(self, req, prompts, echo, params, request_id, raw,
                       timing) -> AsyncIterator[bytes]:
         created = int(time.time())
         include_usage = req.include_usage
@@ -141,10 +137,10 @@ class CompletionServing(OpenAIServing):
 
         outcome = "error"
         try:
-            async for out in self.generate(prompts, params, request_id, raw):
+            async for p, out in self.generate(prompts, params, request_id, raw):
                 self.observe(out, timing, time.monotonic())
                 tally.add(out)
-                i = self._index(out, request_id, n)
+                i = p * n + out.index
                 text = pending_echo[i] + out.text
                 pending_echo[i] = ""
                 if text or out.logprobs:
@@ -166,5 +162,4 @@ class CompletionServing(OpenAIServing):
             if not isinstance(exc, ClientDisconnected):
                 raise
         finally:
-            ticket.release()
             self.done(outcome, timing)
