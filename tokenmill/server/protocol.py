@@ -13,9 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tokenmill.sampling_params import MAX_N, MAX_TOP_LOGPROBS
-
-MAX_STOP = 16
+from tokenmill.sampling_params import MAX_N, MAX_STOP, MAX_TOP_LOGPROBS
 
 
 class _Request(BaseModel):
