@@ -11,6 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
+from tokenmill import __version__
+
 log = logging.getLogger("tokenmill")
 
 
@@ -24,19 +26,22 @@ def main(argv: list[str] | None = None) -> int:
                             "bundled SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    # Engine and server options default to their config dataclasses' fields: an option left
+    # out is absent from `args` (SUPPRESS) and the dataclass default applies.
+    opt = dict(default=argparse.SUPPRESS)
+    serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16", **opt)
+    serve.add_argument("--device", help="auto, cpu or cuda", **opt)
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
-    serve.add_argument("--kv-cache-gib", type=float, default=1.0)
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    serve.add_argument("--request-timeout", type=float, default=600.0,
-                       help="server-side deadline of one request, seconds")
-    serve.add_argument("--max-pending", type=int, default=512,
-                       help="requests in flight before new ones get a 503")
-    serve.add_argument("--drain-timeout", type=float, default=30.0,
-                       help="on SIGTERM, seconds that in-flight requests get to finish")
+    serve.add_argument("--kv-cache-gib", type=float, **opt)
+    serve.add_argument("--max-model-len", type=int, **opt)
+    serve.add_argument("--max-num-seqs", type=int, **opt)
+    serve.add_argument("--max-body-bytes", type=int, **opt)
+    serve.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
+                       help="server-side deadline of one request, seconds", **opt)
+    serve.add_argument("--max-pending", type=int, dest="max_pending_requests", metavar="N",
+                       help="requests in flight before new ones get a 503", **opt)
+    serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
+                       help="on SIGTERM, seconds that in-flight requests get to finish", **opt)
     serve.add_argument("--log-level", default="info")
 
     keys = sub.add_parser("keys", help="manage API keys (platform issue: not implemented yet)")
@@ -50,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if _unknown:
         parser.error(f"unrecognized arguments: {' '.join(_unknown)}")
     return serve_command(args)
+
+
+ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_gib", "max_num_seqs")
+SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_requests", "drain_timeout_s")
+
+
+def _given(args, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def model_id_for(path: Path) -> str:
@@ -95,25 +108,16 @@ def serve_command(args) -> int:
                   flush=True)
 
     log.info("loading %s from %s", model_id, path)
-    config = EngineConfig(model=str(path), dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=args.max_num_seqs)
+    config = EngineConfig(model=str(path), **_given(args, ENGINE_OPTIONS))
     engine = AsyncLLM.from_config(config)
-    import tokenmill
-
-    version = getattr(tokenmill, "__version__", "0")
-    digest = hashlib.sha256(f"{version}:{path.name}:{args.dtype}".encode()).hexdigest()
-    fingerprint = "fp_" + digest[:10]
+    digest = hashlib.sha256(f"{__version__}:{path.name}:{config.dtype}".encode()).hexdigest()
     settings = ServerSettings(model_id=model_id, price=price_for(model_id), key_store=store,
-                              max_body_bytes=args.max_body_bytes,
-                              request_timeout_s=args.request_timeout,
-                              max_pending_requests=args.max_pending,
-                              drain_timeout_s=args.drain_timeout, fingerprint=fingerprint)
+                              fingerprint="fp_" + digest[:10], **_given(args, SERVER_OPTIONS))
     app = build_app(engine, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, timeout_graceful_shutdown=args.drain_timeout,
-                            timeout_keep_alive=5)
-    server = DrainingServer(config, app)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,
+                               timeout_keep_alive=5)
+    server = DrainingServer(uv_config, app)
     log.info("serving %s (context %d) on http://%s:%d/v1", model_id, engine.max_model_len,
              args.host, args.port)
     server.run()

@@ -47,7 +47,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         await engine.shutdown()
         log.info("engine stopped")
 
-    app = FastAPI(title="tokenmill", version=getattr(tokenmill, "__version__", "0.1.0"),
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__,
                   description="OpenAI-compatible inference server", lifespan=lifespan)
     app.state.server_state = state
     app.state.metrics = metrics
