@@ -37,7 +37,8 @@ def test_decode_rows_must_come_first():
 
 
 def naive(q, k_ctx, v_ctx, first_pos):
-    """q [n, Hq, D] at positions first_pos..; k_ctx/v_ctx [L, Hkv, D] the request's whole context."""
+    """q [n, Hq, D] at positions first_pos..; k_ctx/v_ctx [L, Hkv, D]: the request's whole
+    context."""
     group = q.shape[1] // k_ctx.shape[1]
     out = torch.empty_like(q)
     for i in range(q.shape[0]):

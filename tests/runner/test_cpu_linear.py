@@ -30,7 +30,8 @@ def test_packed_linear_keeps_leading_dims():
 
 
 def test_pack_linears_replaces_every_linear_once():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
+    inner = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), inner)
     x = torch.randn(5, 8)
     with torch.inference_mode():
         expected = model(x)

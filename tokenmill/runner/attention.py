@@ -32,7 +32,8 @@ class AttentionMetadata(ABC):
 
     @abstractmethod
     def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> attention output [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> attention output
+        [T, Hq, D]."""
 
 
 @dataclass
