@@ -1,27 +1,37 @@
-"""What chat and text completions share: model check, request -> SamplingParams with the context
-length check, the engine call with hang-up/deadline guard, usage and cost, logprob text.
+"""What chat and text completions share: the request's life from checks to the last byte.
+
+`OpenAIServing.create` checks a request, prepares a `Job` off the event loop, admits it, runs it in
+the engine under the hang-up/deadline guard and answers with one JSON body or an SSE stream. The
+endpoints supply only what differs: their own checks, how a request becomes prompts (`prepare`),
+and the response classes their choices and chunks are made of.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from abc import ABC, abstractmethod
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.requests import Request
 
 from tokenmill.engine.llm_engine import PromptError
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
                                      invalid_request, model_not_found, not_supported)
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.protocol import PromptTokensDetails, Usage
+from tokenmill.server.protocol import Usage
 from tokenmill.server.state import ServerSettings, ServerState
-from tokenmill.server.streams import guarded, merge
+from tokenmill.server.streams import ClientDisconnected, guarded, merge
+from tokenmill.server.usage import UsageTally
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +43,33 @@ def new_id(prefix: str) -> str:
 
 
 @dataclass
-class UsageTally:
-    """Token counts of one HTTP request (several engine requests for a list of prompts)."""
+class Job:
+    """A checked request, ready for the engine. Choice `c = p * n + i` is choice `i` of prompt
+    `p` (OpenAI's numbering for a list of prompts); chat has one prompt."""
 
-    prompt: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt tokens
-    cached: dict[str, int] = field(default_factory=dict)  # engine request id -> cached tokens
-    output: dict[tuple[str, int], int] = field(default_factory=dict)  # (id, index) -> generated
+    prompts: list[list[int]]  # token ids of each prompt
+    params: SamplingParams  # one for all prompts: the longest decided what fits
+    echo: list[str]  # per prompt, the text its choices start with (the echoed prompt, or "")
 
-    def add(self, out: RequestOutput) -> None:
-        self.prompt[out.request_id] = out.num_prompt_tokens
-        self.cached[out.request_id] = max(out.num_cached_tokens, 0)
-        self.output[(out.request_id, out.index)] = out.num_output_tokens
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
 
-    def usage(self, price) -> Usage:
-        prompt, completion = sum(self.prompt.values()), sum(self.output.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())),
-                     estimated_cost=round(price.cost(prompt, completion), 12))
+    def choice(self, prompt_no: int, index: int) -> int:
+        return prompt_no * self.params.n + index
+
+    def opening_text(self) -> list[str]:
+        """Per choice, the text it starts with."""
+        return [self.echo[c // self.params.n] for c in range(self.num_choices)]
 
 
-class OpenAIServing:
-    endpoint = "?"
+class OpenAIServing(ABC):
+    """One endpoint's serving. Subclasses set `endpoint` (the metrics label) and `id_prefix`, and
+    implement the hooks below `create`'s helpers: `check_supported`, `prepare`, `logprobs`,
+    `choice`, `response`, `opening_choices`, `delta_choice` and `chunk`."""
+
+    endpoint: str
+    id_prefix: str
 
     def __init__(self, engine, settings: ServerSettings, state: ServerState, metrics: Metrics):
         self.engine = engine
@@ -145,6 +160,130 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
         )
 
+    # ---- one request, from checks to the last byte ---------------------------------------------
+
+    async def create(self, req, raw: Request):
+        self.check_request(req)
+        self.check_supported(req)
+        # Off the event loop: tokenizing a long prompt must not stall other streams.
+        job = await asyncio.to_thread(self.prepare, req)
+        request_id = new_id(self.id_prefix)
+        ticket = self.state.admit()
+        timing = {"start": time.monotonic()}
+        if req.stream:
+            body = self._stream(req, job, request_id, raw, timing)
+            return sse.EventStreamResponse(body, on_close=ticket.release)
+        try:
+            return await self._full(req, job, request_id, raw, timing)
+        finally:
+            ticket.release()
+
+    async def _full(self, req, job: Job, request_id: str, raw: Request,
+                    timing: dict) -> JSONResponse:
+        texts = job.opening_text()
+        entries: list[list[TokenLogprobs]] = [[] for _ in range(job.num_choices)]
+        finish: list[str | None] = [None] * job.num_choices
+        tally = UsageTally()
+        try:
+            async for p, out in self.generate(job.prompts, job.params, request_id, raw):
+                self.observe(out, timing, time.monotonic())
+                tally.add(out)
+                c = job.choice(p, out.index)
+                texts[c] += out.text
+                entries[c].extend(out.logprobs)
+                if out.finished:
+                    finish[c] = self.finish_reason(out)
+        except ClientDisconnected:
+            self.done("disconnected", timing)
+            log.info("%s: client disconnected, aborted", request_id)
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        except BaseException:
+            self.done("error", timing)
+            raise
+        self.done("ok", timing)
+        k = req.num_logprobs
+        choices = [self.choice(c, texts[c], None if k is None else self.logprobs(entries[c], k, 0),
+                               finish[c]) for c in range(job.num_choices)]
+        body = self.response(request_id, choices, tally.usage(self.settings.price))
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _stream(self, req, job: Job, request_id: str, raw: Request,
+                      timing: dict) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        k = req.num_logprobs
+        # With include_usage, usage is null on every chunk but the last; else it is absent.
+        exclude = None if req.include_usage else {"usage"}
+        pending = job.opening_text()  # sent with each choice's first text
+        offsets = [0] * job.num_choices  # characters of each choice sent so far
+        tally = UsageTally()
+
+        def event(choices: list, usage: Usage | None = None) -> bytes:
+            return sse.event(self.chunk(request_id, created, choices, usage), exclude=exclude)
+
+        outcome = "error"
+        try:
+            for opening in self.opening_choices(job.num_choices):
+                yield event([opening])
+            async for p, out in self.generate(job.prompts, job.params, request_id, raw):
+                self.observe(out, timing, time.monotonic())
+                tally.add(out)
+                c = job.choice(p, out.index)
+                text, pending[c] = pending[c] + out.text, ""
+                if text or out.logprobs:
+                    lp = None if k is None else self.logprobs(out.logprobs, k, offsets[c])
+                    offsets[c] += len(text)
+                    yield event([self.delta_choice(c, text, lp, None)])
+                if out.finished:
+                    yield event([self.delta_choice(c, None, None, self.finish_reason(out))])
+            if req.include_usage:
+                yield event([], usage=tally.usage(self.settings.price))
+            outcome = "ok"
+        except (ClientDisconnected, asyncio.CancelledError, GeneratorExit) as exc:
+            outcome = "disconnected"
+            log.info("%s: client disconnected, aborted", request_id)
+            if not isinstance(exc, ClientDisconnected):
+                raise
+        finally:
+            self.done(outcome, timing)
+
+    # ---- what each endpoint supplies ----------------------------------------------------------
+
+    @abstractmethod
+    def check_supported(self, req) -> None:
+        """400 for what this endpoint accepts in its schema but does not serve yet."""
+
+    @abstractmethod
+    def prepare(self, req) -> Job:
+        """Prompts and SamplingParams, all checks done (runs in a worker thread)."""
+
+    @abstractmethod
+    def logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> BaseModel:
+        """The logprobs object of `entries`, with `k` top alternatives; `offset` is the character
+        position of the first entry's text in its choice."""
+
+    @abstractmethod
+    def choice(self, index: int, text: str, logprobs: BaseModel | None,
+               finish_reason: str | None) -> BaseModel:
+        """One finished choice of a full response."""
+
+    @abstractmethod
+    def response(self, request_id: str, choices: list, usage: Usage) -> BaseModel:
+        """The whole non-streamed response."""
+
+    def opening_choices(self, num_choices: int) -> list:
+        """Choices sent, one a chunk, before any text (chat's role deltas)."""
+        return []
+
+    @abstractmethod
+    def delta_choice(self, index: int, text: str | None, logprobs: BaseModel | None,
+                     finish_reason: str | None) -> BaseModel:
+        """A streamed choice: new `text`, or the finish (`text` None, `finish_reason` set)."""
+
+    @abstractmethod
+    def chunk(self, request_id: str, created: int, choices: list,
+              usage: Usage | None) -> BaseModel:
+        """One streamed chunk holding `choices` (none, with the final usage)."""
+
     # ---- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
@@ -171,7 +310,7 @@ class OpenAIServing:
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
         if out.finished and out.index == 0:
             self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
-            self.metrics.cached_tokens.inc(max(out.num_cached_tokens, 0))
+            self.metrics.cached_tokens.inc(out.num_cached_tokens)
 
     def finish_reason(self, out: RequestOutput) -> str:
         if out.finish_reason == "abort":

@@ -1,0 +1,33 @@
+"""Token counts and cost of one HTTP request, as its `usage` object reports them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.server.pricing import Price
+from tokenmill.server.protocol import PromptTokensDetails, Usage
+
+
+@dataclass
+class UsageTally:
+    """Counts over every engine request of one HTTP request (one per prompt of a list).
+
+    Invariant: each entry holds the latest output's cumulative count, so feeding every output,
+    in any interleaving of requests and choices, gives the final totals."""
+
+    prompt: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt tokens
+    cached: dict[str, int] = field(default_factory=dict)  # engine request id -> cached tokens
+    output: dict[tuple[str, int], int] = field(default_factory=dict)  # (id, index) -> generated
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompt[out.request_id] = out.num_prompt_tokens
+        self.cached[out.request_id] = out.num_cached_tokens
+        self.output[(out.request_id, out.index)] = out.num_output_tokens
+
+    def usage(self, price: Price) -> Usage:
+        prompt, completion = sum(self.prompt.values()), sum(self.output.values())
+        cached = PromptTokensDetails(cached_tokens=sum(self.cached.values()))
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion, prompt_tokens_details=cached,
+                     estimated_cost=round(price.cost(prompt, completion), 12))
