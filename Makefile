@@ -18,12 +18,13 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 model: $(BIN)/.installed
-	$(BIN)/python -m tokenmill.models.default
+	$(BIN)/python -c 'from tokenmill.models.default import main; main()'
 
 serve: model
 	$(BIN)/tokenmill serve --host $(HOST) --port $(PORT)
 
 test: model
+	$(BIN)/ruff check tokenmill tests benchmarks
 	$(BIN)/python -m pytest -q -ra
 
 bench: model

@@ -23,7 +23,8 @@ def loaded_default_model(default_model_path):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random-weight 2-layer HF Llama checkpoint (GQA 4/2 heads, vocab 300) with a tokenizer,
-    a generation_config.json adding eos id 7, and the same weights saved sharded under 'sharded/'."""
+    a generation_config.json adding eos id 7, and the same weights saved sharded under
+    'sharded/'."""
     from tokenizers import Tokenizer, models
     from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM,
                               PreTrainedTokenizerFast)

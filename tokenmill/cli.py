@@ -1,4 +1,4 @@
-"""The `tokenmill` command: `serve` now; `keys` arrives with the platform issue."""
+"""The `tokenmill` command: `serve` (`keys` arrives with the platform issue)."""
 
 from __future__ import annotations
 
@@ -44,16 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="on SIGTERM, seconds that in-flight requests get to finish", **opt)
     serve.add_argument("--log-level", default="info")
 
-    keys = sub.add_parser("keys", help="manage API keys (platform issue: not implemented yet)")
-    keys.add_argument("action", nargs="?", choices=["create", "revoke", "list"])
-
-    args, _unknown = parser.parse_known_args(argv)
-    if args.command == "keys":
-        print("tokenmill keys: not implemented yet (comes with the platform issue)",
-              file=sys.stderr)
-        return 2
-    if _unknown:
-        parser.error(f"unrecognized arguments: {' '.join(_unknown)}")
+    args = parser.parse_args(argv)
     return serve_command(args)
 
 

@@ -61,7 +61,10 @@ class ModelConfig:
         rope_theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         eos = c.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if eos is None:
+            eos_ids = ()
+        else:
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         archs = getattr(c, "architectures", None) or [_ARCH_BY_MODEL_TYPE[c.model_type]]
         return cls(
             architecture=archs[0],
@@ -133,7 +136,8 @@ class EngineConfig:
         if num_blocks * self.block_size < max_len:
             raise ValueError(
                 f"kv_cache_gib={self.kv_cache_gib} holds {num_blocks * self.block_size} tokens, "
-                f"fewer than one request of max_model_len={max_len}; raise it or lower max_model_len"
+                f"fewer than one request of max_model_len={max_len}; raise it or lower "
+                "max_model_len"
             )
         cache = CacheConfig(self.block_size, num_blocks, self.kv_cache_gib,
                             self.enable_prefix_caching)

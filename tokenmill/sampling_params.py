@@ -33,7 +33,8 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens whose prob < min_p * max prob
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every generated token's logit
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
-    repetition_penalty: float = 1.0  # transformers: over prompt + generated, divide >0 / multiply <0
+    # transformers' rule, over prompt + generated tokens: a logit > 0 is divided, < 0 multiplied
+    repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to the logit
     seed: int | None = None  # per-request generator: same seed, same output, whatever the batch
     logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob plus top k
@@ -48,7 +49,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+        bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        object.__setattr__(self, "logit_bias", bias)
         self._validate()
 
     def _validate(self) -> None:

@@ -26,7 +26,8 @@ def test_hf_checkpoint_loads_every_weight_exactly(tiny_llama_dir, sub):
     for name, p in ref.named_parameters():
         torch.testing.assert_close(ours[name], p, rtol=0, atol=0)
     assert loaded.config.eos_token_ids == (2, 7)
-    assert loaded.config.num_key_value_heads == 2 and loaded.config.architecture == "LlamaForCausalLM"
+    assert loaded.config.num_key_value_heads == 2
+    assert loaded.config.architecture == "LlamaForCausalLM"
     assert loaded.tokenizer.convert_tokens_to_ids("t5") == 5
 
 

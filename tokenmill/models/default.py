@@ -47,6 +47,7 @@ def default_model_path(fetch: bool = True) -> Path:
     return path
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`make model`: fetch the default model if missing and print its path."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(default_model_path())
