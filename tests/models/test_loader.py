@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.models.gguf_loader import hf_name, unpermute_rope
+from tokenmill.models.gguf_loader import (hf_name, load_gguf_config_and_tokenizer,
+                                          metadata_cache_key, unpermute_rope)
 from tokenmill.models.loader import load_model
 from tokenmill.models.registry import model_class
 
@@ -135,3 +136,31 @@ def test_engine_serves_a_sliding_window_mistral_within_its_window(tmp_path, tiny
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):]
     assert tokens == expected.tolist()
+
+
+def test_gguf_metadata_is_cached_and_the_cache_is_what_later_loads_read(default_model_path,
+                                                                         tmp_path):
+    config, tokenizer = load_gguf_config_and_tokenizer(default_model_path, tmp_path)
+    (entry,) = tmp_path.iterdir()  # one complete entry, no partial left behind
+    assert entry.name == metadata_cache_key(default_model_path)
+    again_config, again = load_gguf_config_and_tokenizer(default_model_path, tmp_path)
+    text = "Hello wörld, 你好 <|im_start|>user\n12345 🙂"
+    assert again.encode(text) == tokenizer.encode(text)
+    assert again.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    assert again.chat_template == tokenizer.chat_template
+    assert (again.bos_token_id, again.eos_token_id) == (tokenizer.bos_token_id,
+                                                        tokenizer.eos_token_id)
+    assert again_config.to_diff_dict() == config.to_diff_dict()
+    # Later loads read the entry, not the GGUF: an edit to it shows.
+    saved = json.loads((entry / "tokenizer_config.json").read_text())
+    (entry / "tokenizer_config.json").write_text(json.dumps({**saved, "model_max_length": 77}))
+    assert load_gguf_config_and_tokenizer(default_model_path, tmp_path)[1].model_max_length == 77
+
+
+def test_gguf_metadata_cache_key_follows_the_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF one")
+    first = metadata_cache_key(path)
+    assert metadata_cache_key(path) == first
+    path.write_bytes(b"GGUF second")  # another size (and mtime)
+    assert metadata_cache_key(path) != first

@@ -1,5 +1,10 @@
 """GGUF source for the model-loading stage: config and tokenizer via transformers, weights via gguf.
 
+Config and tokenizer: transformers converts the GGUF metadata (seconds: it rebuilds the BPE
+tokenizer from the vocabulary and merges); the result is saved once in HF form under
+`$TOKENMILL_HOME/cache/gguf/<key>/`, keyed by the file's path, size and mtime and transformers'
+version, and later starts read that instead (a tenth of a second).
+
 Weights are read with `gguf.GGUFReader`, dequantized to float32 one tensor at a time, renamed to
 Hugging Face names and, for the llama family, un-permuted: llama.cpp's converter interleaves the
 two rotary halves of every q/k head; we restore HF's rotate-half layout exactly as transformers'
@@ -8,13 +13,21 @@ two rotary halves of every q/k head; we restore HF's rotate-half layout exactly 
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from tokenmill.models.default import tokenmill_home
+
+log = logging.getLogger(__name__)
 
 # GGUF tensor name -> HF name; "{}" is the layer index.
 _GLOBAL_NAMES = {
@@ -37,13 +50,38 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _PERMUTED_ARCHS = {"llama"}  # llama.cpp stores Mistral GGUFs as "llama" too
 
 
-def load_gguf_config_and_tokenizer(path: Path):
-    """(hf_config, tokenizer) from the GGUF metadata; the tokenizer carries the chat template."""
+def load_gguf_config_and_tokenizer(path: Path, cache_root: Path | None = None):
+    """(hf_config, tokenizer) from the GGUF metadata; the tokenizer carries the chat template.
+
+    `cache_root` (default `$TOKENMILL_HOME/cache/gguf`) keeps the converted pair; a cache that
+    cannot be written only costs the conversion next time."""
     from transformers import AutoConfig, AutoTokenizer
 
+    cache_root = tokenmill_home() / "cache" / "gguf" if cache_root is None else cache_root
+    cached = cache_root / metadata_cache_key(path)
+    if (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
+        return AutoConfig.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+    log.info("converting the config and tokenizer of %s (cached for later starts)", path.name)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
+    try:
+        config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)  # atomic: a reader sees the whole entry or none
+    except OSError as exc:  # read-only home, full disk, or another process won the rename
+        log.debug("not caching GGUF metadata at %s: %s", cached, exc)
+        shutil.rmtree(partial, ignore_errors=True)
     return config, tokenizer
+
+
+def metadata_cache_key(path: Path) -> str:
+    """Changes when the file (path, size, mtime) or the converter (transformers' version) does."""
+    import transformers
+
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
 def hf_name(gguf_name: str) -> str | None:
