@@ -12,6 +12,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_N = 8
 MAX_STOP = 16  # stop sequences per request, as OpenAI allows
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as OpenAI's `seed` is
+# A temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by
+# it would overflow, and the distribution is the argmax's already.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 class SamplingParamsError(ValueError):
@@ -27,7 +30,7 @@ class SamplingParams:
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0  # EOS and stop token ids are masked out until this many tokens exist
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (below GREEDY_BELOW_TEMPERATURE) means greedy
     top_p: float = 1.0  # nucleus mass kept, (0, 1]
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0  # drop tokens whose prob < min_p * max prob
@@ -107,7 +110,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def top_k_enabled(self) -> bool:

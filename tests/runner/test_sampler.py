@@ -272,3 +272,26 @@ def test_top_k_top_p_match_a_full_sort_on_a_large_vocab_with_ties():
     top_p = torch.tensor([0.9, 0.99, 0.5, 1.0, 0.9, 0.3, 0.95, 0.999])
     expected = sorted_top_k_top_p(logits, top_k, top_p)
     assert torch.equal(filter_logits(logits, top_k, top_p, None), expected)
+
+
+# --- parameters at the edge of float32 -------------------------------------------------------
+
+
+def test_float32_underflowing_parameters_sample_the_limit_and_never_nan():
+    """Values the API accepts but float32 cannot hold (found by fuzzing the server: top_p 5e-324
+    once killed the step loop) give the limiting distribution, in one batch with normal rows."""
+    logits = rows([0.5, 3.0, 1.0, -2.0, 2.5, 0.0])
+    requests = [
+        req(temperature=1.0, top_p=5e-324, seed=1),  # 0 in float32: keeps only the top token
+        req(temperature=1e-300, seed=2),  # below GREEDY_BELOW_TEMPERATURE: greedy
+        req(temperature=9e-6),  # likewise
+        # seen token 2 (logit 1.0) divided by ~0: infinitely likely, even after temperature
+        req(prompt=[2], temperature=0.5, repetition_penalty=5e-324, seed=3, logprobs=2),
+        req(temperature=1.0, seed=4),  # an ordinary row beside them
+    ]
+    out = Sampler(6, (EOS,))(logits.expand(len(requests), -1).clone(), requests)
+    assert out.token_ids[:4] == [1, 1, 1, 2]
+    assert 0 <= out.token_ids[4] < 6
+    lp = out.logprobs[3]
+    assert lp.token_id == 2 and lp.logprob == 0.0 and lp.top[0] == (2, 0.0)
+    assert all(math.isfinite(v) or v == -math.inf for _, v in lp.top)

@@ -349,6 +349,20 @@ def test_raw_http_errors(server, http):
     assert ok.status_code == 200
 
 
+def test_float32_edge_parameters_are_served_and_the_engine_lives(server, http):
+    """Schemathesis found that top_p=5e-324 (accepted: 0 < top_p) killed the step loop; every
+    such value must get a normal answer, and /health must stay 200."""
+    edge = [{"top_p": 5e-324}, {"temperature": 1e-300}, {"repetition_penalty": 5e-324},
+            {"min_p": 5e-324, "top_k": 1}, {"temperature": 2.0, "top_p": 1e-45}]
+    for params in edge:
+        for route, body in [("/v1/completions", {"prompt": "\ubacc\u00ef"}),
+                            ("/v1/chat/completions", {"messages": MESSAGES})]:
+            r = http.post(route, json={"model": MODEL_ID, "max_tokens": 3, **body, **params})
+            assert r.status_code == 200, (route, params, r.text)
+            assert r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+
+
 # ---- hang-ups --------------------------------------------------------------------------------
 
 

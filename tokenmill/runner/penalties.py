@@ -32,6 +32,8 @@ def apply_penalties(logits: Tensor, requests: list[Request], cache: PenaltyCache
     if repeated:
         ids = [(i, t) for i in repeated for t in (seen[i].prompt_ids, seen[i].output_ids)]
         penalty = torch.tensor([p.repetition_penalty for p in params], device=device)  # [B]
+        # A penalty that underflows float32 (5e-324, say) would make 0 / 0 = NaN.
+        penalty.clamp_min_(torch.finfo(penalty.dtype).tiny)
         logits = _penalize_repetition(logits, _flat_index(ids, vocab), penalty)
     if counted:
         flat = _flat_index([(i, seen[i].output_ids) for i in counted], vocab)  # [N]
@@ -118,7 +120,9 @@ def _penalize_repetition(logits: Tensor, flat: Tensor, penalty: Tensor) -> Tenso
     out = logits.clone(memory_format=torch.contiguous_format)  # [B, V]
     seen = out.view(-1).index_select(0, flat)  # [N]
     p = penalty.index_select(0, flat // logits.shape[1])  # [N]
-    return out.view(-1).index_copy_(0, flat, torch.where(seen > 0, seen / p, seen * p)).view_as(out)
+    # Capped at the largest float: a tiny penalty must not make an infinite (NaN-making) logit.
+    penalized = torch.where(seen > 0, seen / p, seen * p).clamp_max_(torch.finfo(seen.dtype).max)
+    return out.view(-1).index_copy_(0, flat, penalized).view_as(out)
 
 
 def _penalize_counts(

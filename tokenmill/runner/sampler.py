@@ -108,7 +108,7 @@ def compute_logprobs(
 
 
 def sample(logits: Tensor, requests: list[Request]) -> Tensor:
-    """Stage 3: one token id per row [B]. temperature 0 is argmax (ties: lowest id); otherwise
+    """Stage 3: one token id per row [B]. A greedy row is argmax (ties: lowest id); otherwise
     logits / temperature, filter_logits, then the exponential race argmax(probs / q), q ~ Exp(1),
     which draws token i with probability probs[i] and lets each row use its own generator."""
     rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -119,6 +119,9 @@ def sample(logits: Tensor, requests: list[Request]) -> Tensor:
     idx = None if len(rows) == len(requests) else torch.tensor(rows, device=device)  # [R]
     temperature = torch.tensor([p.temperature for p in params], device=device)  # [R]
     scaled = (logits if idx is None else logits[idx]) / temperature[:, None]  # [R, V]
+    # A logit that overflowed (a tiny repetition_penalty, then temperature) becomes the largest
+    # float, so softmax gives its row a point mass there instead of NaN.
+    scaled = scaled.clamp_max_(torch.finfo(scaled.dtype).max)
     top_k = top_p = min_p = None
     if any(p.top_k_enabled for p in params):
         top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
@@ -183,7 +186,8 @@ def _top_p_cut(logits: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
         rows = logits if todo.numel() == logits.shape[0] else logits[todo]  # [P, V]
         vals, ids = _sorted_head(rows, width)  # [P, W]
         mass_before = F.pad(probs[todo[:, None], ids].cumsum(dim=-1)[:, :-1], (1, 0))  # [P, W]
-        last = (mass_before < top_p[todo, None]).sum(dim=-1, keepdim=True) - 1  # [P, 1]
+        # At least the first candidate, even for a top_p that is 0 in float32 (5e-324, say).
+        last = (mass_before < top_p[todo, None]).sum(dim=-1, keepdim=True).sub_(1).clamp_min_(0)
         cut, smallest = vals.gather(1, last), vals[:, -1:]  # [P, 1]
         settled = ((last < width - 1) & (cut > smallest)) | (smallest == float("-inf"))
         settled = (settled | (width == vocab)).squeeze(1)  # [P]
