@@ -7,20 +7,10 @@ from collections import Counter
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from tokenmill.engine.request import Request
+from sampling_cases import EOS, req, rows
 from tokenmill.runner.penalties import PenaltyCache, apply_penalties
 from tokenmill.runner.sampler import Sampler, process_logits
-from tokenmill.sampling_params import SamplingParams
 
-EOS = 0
-
-
-def req(prompt=(5,), output=(), rid="r", **params) -> Request:
-    return Request(rid, list(prompt), SamplingParams(**params), output_token_ids=list(output))
-
-
-def rows(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
 
 
 def test_no_penalty_returns_the_logits_untouched():

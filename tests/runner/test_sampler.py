@@ -5,20 +5,10 @@ import math
 import pytest
 import torch
 
-from tokenmill.engine.request import Request
+from sampling_cases import EOS, req, rows
 from tokenmill.runner.sampler import Sampler, filter_logits, process_logits
-from tokenmill.sampling_params import SamplingParams
 
 INF = float("inf")
-EOS = 0
-
-
-def req(prompt=(5,), output=(), rid="r", **params) -> Request:
-    return Request(rid, list(prompt), SamplingParams(**params), output_token_ids=list(output))
-
-
-def rows(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
 
 
 # --- greedy and temperature -------------------------------------------------------------------
