@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -14,10 +15,9 @@ from tokenmill.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(loaded_default_model, default_model_path):
-    engine = LLMEngine(EngineConfig(model=str(default_model_path), dtype="float32", device="cpu",
-                                    max_model_len=1024, kv_cache_gib=0.1),
-                       loaded=loaded_default_model)
-    front = AsyncLLM(engine)
+    config = EngineConfig(model=str(default_model_path), dtype="float32", device="cpu",
+                          max_model_len=1024, kv_cache_gib=0.1)
+    front = AsyncLLM(lambda: LLMEngine(config, loaded=loaded_default_model))
     yield front
     asyncio.run(front.shutdown())
     assert not front.is_healthy()
@@ -91,3 +91,15 @@ async def test_bad_prompt_raises_before_streaming(llm):
         async for _ in llm.generate([], SamplingParams(), "empty"):
             pass
     assert llm.is_healthy()
+
+
+def test_the_step_thread_builds_the_engine_and_build_errors_reach_the_caller():
+    threads = []
+
+    def build():
+        threads.append(threading.current_thread().name)
+        raise FileNotFoundError("no model at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="no model at /nowhere"):
+        AsyncLLM(build)
+    assert threads == ["tokenmill-step"]
