@@ -9,46 +9,18 @@ tokenizer (cold), the second reads them from the cache (warm). Prints seconds fo
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from live_server import live_server
 from tokenmill.models.default import default_model_path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_healthy(model: Path, home: str) -> float:
-    port = free_port()
-    tokenmill = Path(sys.executable).with_name("tokenmill")
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(tokenmill), "serve", "--model", str(model), "--port", str(port), "--no-auth"],
-        env=dict(os.environ, TOKENMILL_HOME=home), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    try:
-        while proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"tokenmill serve exited with {proc.returncode}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    with live_server(model, home):
+        return time.perf_counter() - start
 
 
 def main() -> None:
