@@ -54,9 +54,9 @@ def process_logits(
     """Stage 1: logit_bias, min_tokens, repetition then presence/frequency penalties.
 
     Returns a new tensor [B, V], or the input itself where nothing applies (the input is never
-    modified); ids >= V in logit_bias, the stop ids
-    or the token ids are ignored rather than failing the whole batch. `cache` carries the
-    penalties' per-request state from one call to the next; without one it is built afresh.
+    modified); ids >= V in logit_bias, the stop ids or the token ids are ignored rather than
+    failing the whole batch. `cache` carries the penalties' per-request state from one call to
+    the next; without one it is built afresh.
     """
     vocab = logits.shape[1]
     device = logits.device
