@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
@@ -54,14 +55,11 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._fatal: BaseException | None = None
         self._stopping = False
-        built = threading.Event()
-        build_error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(build_engine, built, build_error),
+        built: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(build_engine, built),
                                         name="tokenmill-step", daemon=True)
         self._thread.start()
-        built.wait()
-        if build_error:
-            raise build_error[0]
+        built.result()  # waits; raises what building raised
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
@@ -110,15 +108,13 @@ class AsyncLLM:
 
     # ---- step thread -------------------------------------------------------------------------
 
-    def _run(self, build_engine: Callable[[], LLMEngine], built: threading.Event,
-             build_error: list[BaseException]) -> None:
+    def _run(self, build_engine: Callable[[], LLMEngine], built: Future[None]) -> None:
         try:
             self.engine = build_engine()
         except BaseException as exc:  # handed to the constructor, which raises it
-            build_error.append(exc)
+            built.set_exception(exc)
             return
-        finally:
-            built.set()
+        built.set_result(None)
         try:
             while not self._stopping:
                 # Block for work when idle; otherwise drain what arrived during the last step.

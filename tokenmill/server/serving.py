@@ -139,7 +139,6 @@ class OpenAIServing(ABC):
         self.check_token_ids(logit_bias, "logit_bias")
         stop_token_ids = tuple(req.stop_token_ids or ())
         self.check_token_ids(stop_token_ids, "stop_token_ids")
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         # SamplingParamsError propagates to its handler: a 400 naming the parameter.
         return SamplingParams(
             n=req.n,
@@ -155,7 +154,7 @@ class OpenAIServing(ABC):
             logit_bias=logit_bias,
             seed=req.seed,
             logprobs=req.num_logprobs,
-            stop=stop,
+            stop=req.stop or (),  # a string or a list: SamplingParams makes it a tuple
             stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos,
         )
