@@ -44,3 +44,28 @@ def tiny_llama_dir(tmp_path_factory):
         tok.save_pretrained(target)
         GenerationConfig(eos_token_id=[2, 7]).save_pretrained(target)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(default_model_path):
+    """The default model's tokenizer (SmolLM2 BPE, with its chat template), as transformers'."""
+    from tokenmill.models.gguf_loader import load_gguf_config_and_tokenizer
+
+    return load_gguf_config_and_tokenizer(default_model_path)[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, real_tokenizer):
+    """tiny_checkpoint(family) -> directory of that family's tiny HF checkpoint (tests/tiny_models),
+    written once per session."""
+    from tiny_models import save_tiny_checkpoint  # tests/ is on sys.path (rootdir conftest)
+
+    made: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"tiny_{family}")
+            made[family] = save_tiny_checkpoint(family, path, real_tokenizer)
+        return made[family]
+
+    return get
