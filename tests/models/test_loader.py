@@ -48,6 +48,13 @@ def test_gguf_names_map_to_hf_names():
     assert hf_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
     assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
     assert hf_name("output.weight") == "lm_head.weight"
+    assert hf_name("blk.3.attn_q.bias") == "model.layers.3.self_attn.q_proj.bias"
+    assert hf_name("blk.1.ffn_gate_inp.weight") == "model.layers.1.block_sparse_moe.gate.weight"
+    # Mixtral's experts: stacked [E, ...] (a template over the expert), or one per expert (old)
+    assert hf_name("blk.2.ffn_up_exps.weight") == \
+        "model.layers.2.block_sparse_moe.experts.{}.w3.weight"
+    assert hf_name("blk.2.ffn_down.7.weight") == \
+        "model.layers.2.block_sparse_moe.experts.7.w2.weight"
     assert hf_name("rope_freqs.weight") is None
 
 
@@ -79,31 +86,46 @@ def _config(**kw) -> ModelConfig:
     return ModelConfig(**base | kw)
 
 
-def test_registry_supports_llama_and_full_window_mistral():
+def test_registry_supports_llama_and_mistral_with_any_window():
     from tokenmill.models.llama import LlamaForCausalLM
+    from tokenmill.models.mistral import MistralForCausalLM
 
     assert model_class(_config()) is LlamaForCausalLM
-    assert model_class(_config(architecture="MistralForCausalLM")) is LlamaForCausalLM
-    assert model_class(_config(architecture="MistralForCausalLM", sliding_window=4096)) \
-        is LlamaForCausalLM
-    assert model_class(_config(architecture="MistralForCausalLM", sliding_window=1024),
-                       max_model_len=1024) is LlamaForCausalLM
+    for window in (None, 4096, 1024):
+        assert model_class(_config(architecture="MistralForCausalLM", sliding_window=window)) \
+            is MistralForCausalLM
+
+
+def test_registry_supports_qwen2_mixtral_and_rope_scaling():
+    from tokenmill.models.llama import LlamaForCausalLM
+    from tokenmill.models.mixtral import MixtralForCausalLM
+    from tokenmill.models.qwen2 import Qwen2ForCausalLM
+
+    assert model_class(_config(architecture="Qwen2ForCausalLM")) is Qwen2ForCausalLM
+    assert model_class(_config(architecture="MixtralForCausalLM", num_local_experts=8,
+                               num_experts_per_tok=2)) is MixtralForCausalLM
+    for rope in ({"rope_type": "llama3", "factor": 8.0}, {"rope_type": "linear", "factor": 2.0},
+                 {"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "freq_factors"}):
+        assert model_class(_config(rope_scaling=rope)) is LlamaForCausalLM
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(architecture="MistralForCausalLM", sliding_window=1024), "sliding window"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
-    (dict(architecture="Qwen2ForCausalLM"), "Qwen2"),
-    (dict(architecture="MixtralForCausalLM"), "Mixtral"),
+    (dict(sliding_window=1024), "sliding window"),  # Llama has no windowed attention
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
+    (dict(rope_scaling={"rope_type": "longrope"}), "rope_scaling type 'longrope'"),
+    (dict(architecture="MixtralForCausalLM"), "num_local_experts=0"),
+    (dict(num_local_experts=8, num_experts_per_tok=2), "routed experts"),
+    (dict(attention_bias=True), "attention_bias"),
     (dict(architecture="GPT2LMHeadModel"), "not supported"),
 ])
-def test_registry_rejects_later_issues_clearly(kw, match):
+def test_registry_rejects_unsupported_features_clearly(kw, match):
     with pytest.raises(NotImplementedError, match=match):
         model_class(_config(**kw))
 
 
 def test_engine_serves_a_sliding_window_mistral_within_its_window(tmp_path, tiny_llama_dir):
-    """The window check uses the context actually served: max_model_len <= window loads."""
+    """The window applies only to a context longer than it: max_model_len <= window is plain
+    full attention."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     from tokenmill.config import EngineConfig
@@ -123,9 +145,9 @@ def test_engine_serves_a_sliding_window_mistral_within_its_window(tmp_path, tiny
         return LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu",
                                       kv_cache_gib=0.001, **options))
 
-    with pytest.raises(NotImplementedError, match="sliding window of 64"):
-        engine()
+    assert engine().config.cache.sliding_window == 64
     served = engine(max_model_len=64)
+    assert served.config.cache.sliding_window is None
     prompt = [5, 17, 42, 99, 8, 250, 3]
     served.add_request("m", prompt, SamplingParams(temperature=0.0, max_tokens=12,
                                                    ignore_eos=True))

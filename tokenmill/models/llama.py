@@ -2,7 +2,8 @@
 
 Input is the step's tokens from many requests concatenated ([T]) with their positions; attention
 over each request's own paged KV cache is delegated to the step's `AttentionMetadata`. Parameter
-names are Hugging Face's, so a HF state dict loads as is.
+names are Hugging Face's, so a HF state dict loads as is. The other families reuse these blocks:
+Qwen2 sets `LlamaAttention.qkv_bias`, Mixtral swaps the decoder layer (`decoder_layer`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.models.rope import apply_rope, rope_cache
 from tokenmill.runner.attention import AttentionMetadata
 
 
@@ -28,28 +30,17 @@ class RMSNorm(nn.Module):
         return self.weight * y
 
 
-def rope_cache(head_dim: int, max_positions: int, theta: float) -> Tensor:
-    """cos and sin of every position, [P, 2, D] float32, frequencies repeated (rotate-half)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
-    return torch.stack([emb.cos(), emb.sin()], dim=1)  # [P, 2, D]
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, heads, D]; cos/sin [T, 1, D]. Rotates pairs (i, i + D/2), as HF's rotate_half."""
-    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D/2] each
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class LlamaAttention(nn.Module):
+    qkv_bias = False  # q, k and v projections carry a bias (Qwen2); o_proj never does
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        kv_dim, bias = self.num_kv_heads * self.head_dim, self.qkv_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, kv_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMetadata,
@@ -77,9 +68,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    attention_class: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = self.attention_class(c)
         self.mlp = LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -90,24 +85,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, decoder_layer: type[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(decoder_layer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    # Built once per layer from the config; called as layer(x, cos, sin, attn, kv_cache).
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.decoder_layer)
         # Tied embeddings: no lm_head parameter at all; the logits reuse embed_tokens.weight.
         self.lm_head = (None if config.tie_word_embeddings else
                         nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         # Built on the CPU even under a meta-device context; the loader moves it with the model.
         with torch.device("cpu"):
-            cache = rope_cache(config.head_dim, config.max_position_embeddings, config.rope_theta)
+            cache = rope_cache(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                               config.rope_scaling)
         self.register_buffer("rope", cache, persistent=False)  # [P, 2, D] float32
 
     def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionMetadata,

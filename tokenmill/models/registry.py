@@ -11,43 +11,48 @@ import importlib
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.models.rope import SUPPORTED_ROPE_TYPES
 
 # architecture -> (module, class name); the module is imported only when the model is built.
 _MODELS = {
     "LlamaForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("tokenmill.models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("tokenmill.models.qwen2", "Qwen2ForCausalLM"),
+    "MixtralForCausalLM": ("tokenmill.models.mixtral", "MixtralForCausalLM"),
 }
 
-# Families we know of and will support, each a later issue.
-_LATER = {
-    "Qwen2ForCausalLM": "Qwen2 (qkv bias) is not supported yet; it is a later issue",
-    "MixtralForCausalLM": "Mixtral (mixture of experts) is not supported yet; it is a later issue",
-}
+# Architectures whose reference applies `config.sliding_window` in every layer; the engine does it
+# for them (CacheConfig.sliding_window: windowed attention, blocks out of the window freed).
+_SLIDING_WINDOW = {"MistralForCausalLM", "MixtralForCausalLM"}
 
 
 def model_class(config: ModelConfig, max_model_len: int | None = None) -> type[nn.Module]:
     """The class that implements `config.architecture`, or a clear error saying why not."""
     arch = config.architecture
-    if arch in _LATER:
-        raise NotImplementedError(_LATER[arch])
     if arch not in _MODELS:
         raise NotImplementedError(
             f"architecture {arch!r} is not supported; supported: {', '.join(sorted(_MODELS))}"
         )
-    if config.rope_scaling is not None:
+    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
         raise NotImplementedError(
-            f"rope_scaling {config.rope_scaling!r} (e.g. Llama-3.1 'llama3' scaling) is not "
-            "supported yet; it is a later issue"
+            f"rope_scaling type {rope_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}); its attention scaling and frequency ramp are "
+            "not implemented"
         )
-    if config.attention_bias:
+    if config.attention_bias:  # Llama's attention_bias puts a bias on o_proj too; Qwen2's not
         raise NotImplementedError(f"{arch} with attention_bias is not supported yet")
+    if (arch == "MixtralForCausalLM") != (config.num_local_experts > 0):
+        raise NotImplementedError(
+            f"{arch} with num_local_experts={config.num_local_experts}: routed experts are "
+            "MixtralForCausalLM's, and it needs them")
     window = config.sliding_window
     limit = max_model_len or config.max_position_embeddings
-    if window is not None and window < limit:
+    if window is not None and window < limit and arch not in _SLIDING_WINDOW:
         raise NotImplementedError(
-            f"{arch} uses a sliding window of {window} tokens, shorter than the context of "
-            f"{limit}; sliding-window attention is a later issue (lower max_model_len to {window} "
-            "to serve it with full attention)"
+            f"{arch} with a sliding window of {window} tokens, shorter than the context of "
+            f"{limit}, is not supported (lower max_model_len to {window} to serve it with full "
+            "attention)"
         )
     module, name = _MODELS[arch]
     return getattr(importlib.import_module(module), name)
