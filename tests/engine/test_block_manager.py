@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmill.engine.block_manager import ROOT_HASH, BlockManager, hash_block
+from tokenmill.engine.block_manager import NULL_BLOCK, ROOT_HASH, BlockManager, hash_block
 from tokenmill.engine.request import Request
 from tokenmill.sampling_params import SamplingParams
 
@@ -196,5 +196,81 @@ def test_check_integrity_catches_a_lost_reference():
     a = req("a", range(5))
     compute(bm, a, 5)
     a.block_ids.pop()  # the request forgot a block it still holds a reference to
+    with pytest.raises(AssertionError):
+        bm.check_integrity()
+
+
+N = NULL_BLOCK
+
+
+def decode(bm: BlockManager, r: Request, token: int) -> None:
+    r.output_token_ids.append(token)
+    compute(bm, r, 1)
+
+
+def test_blocks_out_of_the_window_go_back_to_the_free_queue_and_stay_cached():
+    bm = BlockManager(8, BS, enable_prefix_caching=True, sliding_window=6)
+    a = req("a", range(10))
+    compute(bm, a, 10)
+    assert a.block_ids == [0, 1, 2] and list(bm.free_queue) == [3, 4, 5, 6, 7]
+    decode(bm, a, 10)  # the query at 10 sees 5..10: block 0 (0..3) is out, cached, at the back
+    assert a.block_ids == [N, 1, 2] and list(bm.free_queue) == [3, 4, 5, 6, 7, 0]
+    decode(bm, a, 11)
+    decode(bm, a, 12)  # position 12 opens block 3
+    assert a.block_ids == [N, 1, 2, 3] and list(bm.free_queue) == [4, 5, 6, 7, 0]
+    decode(bm, a, 13)  # the query at 13 sees 8..13: block 1 is out
+    assert a.block_ids == [N, N, 2, 3] and list(bm.free_queue) == [4, 5, 6, 7, 0, 1]
+    assert refs(bm) == [0, 0, 1, 1, 0, 0, 0, 0] and bm.usage == 2 / 8
+    assert sorted(bm.cached.values()) == [0, 1, 2]
+    free(bm, a)  # only real blocks: the partial tail in front, block 2 cached at the back
+    assert list(bm.free_queue) == [3, 4, 5, 6, 7, 0, 1, 2] and bm.usage == 0.0
+
+
+def test_a_prefix_hit_takes_only_the_hit_blocks_inside_the_window():
+    bm = BlockManager(8, BS, enable_prefix_caching=True, sliding_window=6)
+    a = req("a", range(14))
+    compute(bm, a, 14)
+    free(bm, a)
+    assert list(bm.free_queue) == [3, 4, 5, 6, 7, 2, 1, 0]
+    b = req("b", range(15))
+    hits = bm.match_prefix(b)
+    assert hits == [0, 1, 2]  # a contiguous chain of real cached blocks from the first
+    assert bm.allocate(b, 3, hits)  # the query at 12 sees 7..12: block 0 is never read
+    b.num_computed_tokens = 12  # as the scheduler does after a hit
+    bm.check_integrity()
+    assert b.block_ids == [N, 1, 2, 3] and refs(bm)[:4] == [0, 1, 1, 1]
+    assert list(bm.free_queue) == [4, 5, 6, 7, 0] and bm.blocks[0].block_hash is not None
+    c = req("c", range(9))
+    assert bm.match_prefix(c) == [0, 1]  # block 0 still serves a hit, now sharing block 1
+    assert bm.allocate(c, 1, [0, 1])
+    c.num_computed_tokens = 8
+    bm.check_integrity()
+    assert c.block_ids == [0, 1, 4] and refs(bm)[:5] == [1, 2, 1, 1, 1]
+
+
+def test_a_long_request_cycles_through_its_window_of_blocks():
+    # Window 4: a decode needs the block before it and its own, so two blocks serve any length.
+    bm = BlockManager(2, BS, enable_prefix_caching=False, sliding_window=4)
+    a = req("a", range(4))
+    compute(bm, a, 4)
+    history = []
+    for token in range(4, 24):
+        decode(bm, a, token)
+        history.append(list(a.block_ids))
+    assert history[0] == [0, 1]  # position 4 opens block 1
+    assert history[4] == [N, 1, 0]  # position 8: block 0 (0..3) released, reused at once
+    assert history[8] == [N, N, 0, 1]
+    assert history[-2] == [N, N, N, N, 0, 1]
+    assert history[-1] == [N, N, N, N, N, 1]  # the query at 23 sees 20..23: block 1 alone
+    assert a.num_computed_tokens == 24 and list(bm.free_queue) == [0]
+
+
+def test_check_integrity_catches_a_released_block_inside_the_window():
+    bm = BlockManager(8, BS, enable_prefix_caching=True, sliding_window=6)
+    a = req("a", range(10))
+    compute(bm, a, 10)
+    decode(bm, a, 10)
+    assert a.block_ids == [N, 1, 2]
+    a.num_computed_tokens = 8  # a query at 8 would read position 3, in the released block 0
     with pytest.raises(AssertionError):
         bm.check_integrity()

@@ -1,10 +1,12 @@
 """Scheduler on CPU with a fake model: exact batches, block ids, prefix hits, preemption, stops.
 
-The fake model keeps a KV cache of token ids: it writes each scheduled token into its slot, and
-when a request samples it reads the whole context back through the request's block ids, checks it
-equals the request's tokens, and returns sum(context) % 97. So a wrong block table, a bad prefix
-hit or a resume that skips a token changes the output, and outputs must equal those of a run with
-a cache large enough that nothing is ever preempted.
+The fake model keeps a KV cache of token ids: it writes each scheduled token into its slot, reads
+back through the request's block ids every position the step's queries attend to (the whole
+context, or under a sliding window W the positions from the first query's window on), checks they
+equal the request's tokens, and a sampling row returns sum(last query's context) % 97. So a wrong
+block table, a bad prefix hit, a block released while still in the window or a resume that skips
+a token changes the output, and outputs must equal those of a run with a cache large enough that
+nothing is ever preempted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import pytest
 
 from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.block_manager import NULL_BLOCK
 from tokenmill.engine.outputs import RunnerOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
@@ -25,9 +28,10 @@ NEVER = 1000
 
 
 def make(num_blocks=64, block_size=16, budget=64, max_seqs=8, max_model_len=1024,
-         prefix=True, eos=(NEVER,)) -> Scheduler:
+         prefix=True, eos=(NEVER,), window=None) -> Scheduler:
     return Scheduler(SchedulerConfig(budget, max_seqs, max_model_len),
-                     CacheConfig(block_size, num_blocks, enable_prefix_caching=prefix), eos)
+                     CacheConfig(block_size, num_blocks, enable_prefix_caching=prefix,
+                                 sliding_window=window), eos)
 
 
 def req(rid, prompt, max_tokens=16, **params) -> Request:
@@ -38,22 +42,30 @@ def req(rid, prompt, max_tokens=16, **params) -> Request:
 class FakeModel:
     def __init__(self, sched: Scheduler):
         self.block_size = sched.block_manager.block_size
+        self.window = sched.block_manager.sliding_window
         self.kv = [None] * (sched.block_manager.num_blocks * self.block_size)
+        self.rows_with_released_blocks = 0  # rows whose block table held a NULL_BLOCK
 
     def slot(self, r: Request, pos: int) -> int:
-        return r.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+        block = r.block_ids[pos // self.block_size]
+        assert block != NULL_BLOCK, (r.request_id, pos)
+        return block * self.block_size + pos % self.block_size
 
     def execute(self, out) -> RunnerOutput:
         ids, tokens = [], []
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
-            for pos in range(start, start + s.num_new_tokens):
+            end = start + s.num_new_tokens
+            self.rows_with_released_blocks += NULL_BLOCK in r.block_ids
+            for pos in range(start, end):
                 self.kv[self.slot(r, pos)] = r.all_token_ids[pos]
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            context = [self.kv[self.slot(r, pos)] for pos in range(first, end)]
+            assert context == r.all_token_ids[first:end], r.request_id
             if s.samples:
-                context = [self.kv[self.slot(r, pos)] for pos in range(r.num_tokens)]
-                assert context == r.all_token_ids, r.request_id
                 ids.append(r.request_id)
-                tokens.append(sum(context) % 97)
+                seen = context if self.window is None else context[-self.window:]
+                tokens.append(sum(seen) % 97)  # what the last query attends to
         return RunnerOutput(ids, tokens, [None] * len(ids))
 
 
@@ -72,9 +84,9 @@ def batch(out) -> list[tuple[str, int]]:
     return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
 
 
-def run(sched: Scheduler, requests, late=None) -> dict[str, list[int]]:
+def run(sched: Scheduler, requests, late=None, model=None) -> dict[str, list[int]]:
     """Step until done (`late[k]` joins before step k); returns each request's output tokens."""
-    model, late = FakeModel(sched), late or {}
+    model, late = model or FakeModel(sched), late or {}
     everyone = list(requests) + [r for rs in late.values() for r in rs]
     for r in requests:
         sched.add_request(r)
@@ -88,9 +100,9 @@ def run(sched: Scheduler, requests, late=None) -> dict[str, list[int]]:
     return {r.request_id: r.output_token_ids for r in everyone}
 
 
-def reference(requests) -> dict[str, list[int]]:
+def reference(requests, window=None) -> dict[str, list[int]]:
     """Outputs of fresh copies run alone in a roomy cache."""
-    return {r.request_id: run(make(num_blocks=256, block_size=4),
+    return {r.request_id: run(make(num_blocks=256, block_size=4, window=window),
                               [req(r.request_id, r.prompt_token_ids,
                                    r.sampling_params.max_tokens)])[r.request_id]
             for r in requests}
@@ -416,3 +428,94 @@ def test_random_traffic_with_a_small_cache_matches_the_roomy_reference():
     assert run(sched, [], late) == expected
     assert sum(r.num_preemptions for r in everyone) > 0
     assert sum(r.num_cached_tokens > 0 for r in everyone) > 0
+
+
+N = NULL_BLOCK
+
+
+def test_a_window_releases_blocks_each_step_and_keeps_the_outputs():
+    sched = make(num_blocks=8, block_size=4, budget=4, window=6)
+    model = FakeModel(sched)
+    a = req("a", range(10), max_tokens=8)
+    expected = reference([a], window=6)
+    sched.add_request(a)
+    traces = [(batch(step(sched, model)[0]), list(a.block_ids)) for _ in range(4)]
+    assert traces == [([("a", 4)], [0]), ([("a", 4)], [0, 1]), ([("a", 2)], [0, 1, 2]),
+                      ([("a", 1)], [N, 1, 2])]  # the query at 10 sees 5..10: block 0 is out
+    assert list(sched.block_manager.free_queue) == [3, 4, 5, 6, 7, 0]  # cached, at the back
+    assert sched.kv_cache_usage == 2 / 8
+    run(sched, [], model=model)  # to the end
+    assert a.output_token_ids == expected["a"]
+    assert expected["a"] != reference([a])["a"]  # the window changes what the fake computes
+
+
+def test_abort_of_a_windowed_request_frees_only_its_real_blocks():
+    sched = make(num_blocks=8, block_size=4, budget=4, window=6)
+    model = FakeModel(sched)
+    sched.add_request(a := req("a", range(10), max_tokens=8))
+    for _ in range(4):
+        step(sched, model)
+    assert a.block_ids == [N, 1, 2]
+    sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    sched.block_manager.check_integrity()
+    assert list(sched.block_manager.free_queue) == [2, 3, 4, 5, 6, 7, 0, 1]
+    assert a.block_ids == [] and sched.kv_cache_usage == 0.0
+
+
+def test_a_windowed_prompt_hits_blocks_that_left_the_window():
+    sched = make(num_blocks=16, block_size=4, window=6)
+    model = FakeModel(sched)
+    a = req("a", range(20), max_tokens=4)
+    b = req("b", [*range(20), 50, 51], max_tokens=4)
+    expected = reference([a, b], window=6)
+    sched.add_request(a)
+    step(sched, model)
+    assert a.block_ids == [0, 1, 2, 3, 4]
+    sched.add_request(b)
+    out, _ = step(sched, model)  # a's decode at 20 sees 15..20: blocks 0-2 released, cached
+    assert batch(out) == [("a", 1), ("b", 2)] and b.num_cached_tokens == 20
+    assert a.block_ids == [N, N, N, 3, 4, 5] and b.block_ids == [N, N, N, 3, 4, 6]
+    bm = sched.block_manager
+    assert [blk.ref_count for blk in bm.blocks[:7]] == [0, 0, 0, 2, 2, 1, 1]
+    assert all(bm.blocks[i].block_hash is not None for i in range(5))
+    assert list(bm.free_queue)[-3:] == [2, 1, 0]
+    run(sched, [], model=model)
+    assert {r.request_id: r.output_token_ids for r in (a, b)} == expected
+
+
+def test_a_windowed_request_may_outgrow_the_cache():
+    # Window 6, chunks of 4, blocks of 4: a request never holds more than 3 blocks at once.
+    with pytest.raises(ValueError, match="KV cache"):
+        make(num_blocks=4, block_size=4, budget=4, max_model_len=64).add_request(
+            req("a", range(30)))
+    assert make(num_blocks=2, block_size=4, budget=4, max_model_len=64,
+                window=6).max_model_len == 8  # 2 blocks cannot hold a window: capped as before
+    sched = make(num_blocks=4, block_size=4, budget=4, max_model_len=64, window=6)
+    assert sched.max_model_len == 64
+    a = req("a", range(30), max_tokens=20)  # 50 tokens through a cache of 16
+    expected = reference([a], window=6)
+    sched.add_request(a)
+    model, most_held = FakeModel(sched), 0
+    while sched.has_unfinished_requests():
+        step(sched, model)
+        most_held = max(most_held, sum(b != NULL_BLOCK for b in a.block_ids))
+    assert a.output_token_ids == expected["a"] and most_held == 3
+    assert a.num_preemptions == 0 and sched.kv_cache_usage == 0.0
+
+
+def test_random_windowed_traffic_with_a_small_cache_matches_the_roomy_reference():
+    rng = random.Random(1)
+    system = [rng.randrange(97) for _ in range(12)]
+    late, everyone = {}, []
+    for i in range(24):
+        prompt = (system if i % 2 else []) + [rng.randrange(97) for _ in range(rng.randint(1, 20))]
+        r = req(f"r{i}", prompt, max_tokens=rng.randint(1, 24))
+        late.setdefault(rng.randrange(30), []).append(r)
+        everyone.append(r)
+    expected = reference(everyone, window=6)
+    sched = make(num_blocks=10, block_size=4, budget=8, max_seqs=6, max_model_len=64, window=6)
+    model = FakeModel(sched)
+    assert run(sched, [], late, model) == expected
+    assert sum(r.num_preemptions for r in everyone) > 0
+    assert sum(r.num_cached_tokens > 0 for r in everyone) > 0
+    assert model.rows_with_released_blocks > 0

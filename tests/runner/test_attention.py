@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tokenmill.engine.block_manager import NULL_BLOCK
 from tokenmill.runner.attention import TorchAttentionMetadata
 
 CPU = torch.device("cpu")
@@ -36,16 +37,18 @@ def test_decode_rows_must_come_first():
         TorchAttentionMetadata.build([2, 1], [2, 3], [[0], [1]], BS, CPU)
 
 
-def naive(q, k_ctx, v_ctx, first_pos):
+def naive(q, k_ctx, v_ctx, first_pos, window=None):
     """q [n, Hq, D] at positions first_pos..; k_ctx/v_ctx [L, Hkv, D]: the request's whole
-    context."""
+    context. The query at position p attends to positions max(0, p - window + 1)..p."""
     group = q.shape[1] // k_ctx.shape[1]
     out = torch.empty_like(q)
     for i in range(q.shape[0]):
+        p = first_pos + i
+        lo = 0 if window is None else max(0, p - window + 1)
         for h in range(q.shape[1]):
-            keys = k_ctx[: first_pos + i + 1, h // group]  # [<=L, D]
+            keys = k_ctx[lo:p + 1, h // group]  # [<=L, D]
             weights = torch.softmax(keys @ q[i, h] / math.sqrt(q.shape[-1]), dim=0)
-            out[i, h] = weights @ v_ctx[: first_pos + i + 1, h // group]
+            out[i, h] = weights @ v_ctx[lo:p + 1, h // group]
     return out
 
 
@@ -68,5 +71,77 @@ def test_forward_equals_naive_attention_and_writes_the_cache():
     for n, length, table in rows:
         slots = [table[p // BS] * BS + p % BS for p in range(length)]
         expected = naive(q[start:start + n], flat_k[slots], flat_v[slots], length - n)
+        torch.testing.assert_close(out[start:start + n], expected, rtol=1e-5, atol=1e-5)
+        start += n
+
+
+N = NULL_BLOCK
+
+
+def test_window_index_tensors_are_exact():
+    # Window 6 over blocks of 4. Row 0: decode at position 9 (block 0 out of the window);
+    # row 1: decode at position 2; row 2: chunk at positions 8..10 (first key 3: block 0 still
+    # needed); row 3: chunk at 13..14 (first key 8: blocks 0 and 1 released); row 4: fresh
+    # prompt of 9 tokens, longer than the window; row 5: fresh prompt of 5 tokens.
+    meta = TorchAttentionMetadata.build(
+        [1, 1, 3, 2, 9, 5], [10, 3, 11, 15, 9, 5],
+        [[N, 7, 2], [5], [1, 3, 9], [N, N, 4, 6], [10, 11, 12], [13, 14]], BS, CPU,
+        sliding_window=6)
+    assert meta.slot_mapping.tolist() == ([9, 22, 36, 37, 38, 25, 26]
+                                          + [40, 41, 42, 43, 44, 45, 46, 47, 48]
+                                          + [52, 53, 54, 55, 56])
+    assert meta.decode_slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 21, 22, 0, 0, 0]]
+    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+    chunk, late, long, short = meta.chunks
+    assert chunk.slots.tolist() == [7, 12, 13, 14, 15, 36, 37, 38]  # positions 3..10
+    assert chunk.mask.int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0],
+                                         [0, 1, 1, 1, 1, 1, 1, 0],
+                                         [0, 0, 1, 1, 1, 1, 1, 1]]
+    assert late.slots.tolist() == [16, 17, 18, 19, 24, 25, 26]  # positions 8..14
+    assert late.mask.int().tolist() == [[1, 1, 1, 1, 1, 1, 0],
+                                        [0, 1, 1, 1, 1, 1, 1]]
+    assert long.slots is None  # its keys are its own new tokens, under a banded mask
+    assert long.mask.int().tolist() == [[1 if 0 <= q - k < 6 else 0 for k in range(9)]
+                                        for q in range(9)]
+    assert (short.slots, short.mask) == (None, None)  # within the window: plain causal
+
+
+def test_a_window_no_shorter_than_the_context_changes_nothing():
+    args = ([1, 1, 3, 2], [6, 1, 7, 2], [[7, 2], [5], [3, 9], [0]], BS, CPU)
+    full, wide = TorchAttentionMetadata.build(*args), TorchAttentionMetadata.build(*args, 7)
+    assert torch.equal(full.decode_slots, wide.decode_slots)
+    assert torch.equal(full.decode_mask, wide.decode_mask)
+    for a, b in zip(full.chunks, wide.chunks, strict=True):
+        assert (a.slots is None) == (b.slots is None) and (a.mask is None) == (b.mask is None)
+        if a.slots is not None:
+            assert torch.equal(a.slots, b.slots) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("window", [6, 8])  # not a multiple of the block size, and one
+def test_window_forward_equals_naive_windowed_attention(window):
+    torch.manual_seed(0)
+    hq, hkv, d, num_blocks = 6, 2, 8, 24
+    k_cache = torch.randn(num_blocks, BS, hkv, d)  # stale values everywhere
+    v_cache = torch.randn(num_blocks, BS, hkv, d)
+    # (new tokens, context after the step, block table before NULLing what the window left)
+    rows = [(1, 23, [4, 1, 12, 5, 16, 17]), (1, 3, [6]), (1, 8, [18, 19]),
+            (4, 14, [2, 15, 0, 20]), (11, 11, [8, 3, 21]), (6, 19, [9, 10, 11, 13, 14])]
+    tables = []
+    for n, length, table in rows:  # what the block manager hands the runner: no block is
+        skipped = max(0, length - n - window + 1) // BS  # wholly before the first query's window
+        tables.append([N] * skipped + table[skipped:])
+    meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows], tables, BS,
+                                        CPU, sliding_window=window)
+    assert meta.decode_slots.shape == (3, window)  # at most the window, however long the context
+    t = sum(r[0] for r in rows)
+    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    out = meta.forward(q, k, v, k_cache, v_cache)  # a NULL_BLOCK slot read would be out of range
+
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[meta.slot_mapping], k) and torch.equal(flat_v[meta.slot_mapping], v)
+    start = 0
+    for n, length, table in rows:
+        slots = [table[p // BS] * BS + p % BS for p in range(length)]
+        expected = naive(q[start:start + n], flat_k[slots], flat_v[slots], length - n, window)
         torch.testing.assert_close(out[start:start + n], expected, rtol=1e-5, atol=1e-5)
         start += n

@@ -23,6 +23,19 @@ The free queue is the eviction order: hash-less blocks in front (nothing is lost
 then cached blocks from least to most recently freed. `allocate` pops the front, dropping the hash
 of a cached block it takes. All `num_blocks` blocks are usable: none is reserved (block 0 is an
 ordinary block; the runner pads with its own sentinel slot, not with a block of ours).
+
+Sliding window W (Mistral): a query at position p attends to positions (p - W, p] only. So when
+a step computes tokens from position c on, no query of it or of any later step reads a position
+before c - W + 1, and `allocate` first releases the request's blocks that lie wholly before it,
+leaving NULL_BLOCK in their place so that `block_ids[p // block_size]` still finds position p:
+
+    W = 6, c = 13:    block_ids | NULL        | NULL        | [2]         | [3]         |
+                      tokens    | t0 .. t3    | t4 .. t7    | t8 .. t11   | t12 ..      |
+                                  released, still cached     ^ c - W + 1 = 8: the window's start
+
+The window only moves forward, so the NULLs are always a prefix of a request's block_ids. A
+released block is an ordinary unreferenced one: hashed, it stays in the prefix cache and joins the
+back of the free queue (the most recently used); hash-less, the front.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from dataclasses import dataclass
 from tokenmill.engine.request import Request
 
 ROOT_HASH = 0  # the parent hash of a request's first block
+NULL_BLOCK = -1  # in request.block_ids: a block released because it fell out of the window
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
@@ -52,10 +66,12 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
-        assert num_blocks > 0 and block_size > 0
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 sliding_window: int | None = None):
+        assert num_blocks > 0 and block_size > 0 and (sliding_window is None or sliding_window > 0)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # None: every query attends to its whole context
         self.blocks = [Block(i) for i in range(num_blocks)]  # indexed by block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # ref 0
         self.cached: dict[int, int] = {}  # block hash -> id of the one block holding that hash
@@ -96,21 +112,27 @@ class BlockManager:
         """Make room for `num_new_tokens` tokens after the computed ones; all or nothing.
 
         `prefix_blocks` (from `match_prefix`, only for a request holding no blocks) are taken
-        first and count as computed. Returns False, changing nothing, when blocks run short.
+        first and count as computed. Returns False when blocks run short, changing nothing but
+        the release of the blocks that fell out of the sliding window, which no query reads again.
         """
         assert not (prefix_blocks and request.block_ids)
+        num_computed = request.num_computed_tokens + len(prefix_blocks) * self.block_size
+        num_skipped = self._num_skipped_blocks(num_computed)
+        self._release_out_of_window(request, num_skipped)
+        # Hits before the window are never read: they stay where they are, unreferenced.
+        taken = [b for i, b in enumerate(prefix_blocks) if i >= num_skipped]
         num_held = len(request.block_ids) + len(prefix_blocks)
-        num_tokens = request.num_computed_tokens + len(prefix_blocks) * self.block_size
-        num_missing = -(-(num_tokens + num_new_tokens) // self.block_size) - num_held
-        num_revived = sum(self.blocks[b].ref_count == 0 for b in prefix_blocks)
+        num_missing = -(-(num_computed + num_new_tokens) // self.block_size) - num_held
+        num_revived = sum(self.blocks[b].ref_count == 0 for b in taken)
         if num_missing > len(self.free_queue) - num_revived:
             return False
-        for block_id in prefix_blocks:
+        for block_id in taken:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_queue[block_id]
             block.ref_count += 1
-        request.block_ids.extend(prefix_blocks)
+        request.block_ids.extend([NULL_BLOCK] * (len(prefix_blocks) - len(taken)))
+        request.block_ids.extend(taken)
         request.block_ids.extend(self._pop_free() for _ in range(num_missing))
         if request.block_ids:
             self.holders[request.request_id] = request
@@ -138,12 +160,8 @@ class BlockManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks, last first, so its tail is evicted before its prefix."""
         for block_id in reversed(request.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.block_hash is None:
-                    self.free_queue.move_to_end(block_id, last=False)
+            if block_id != NULL_BLOCK:
+                self._release(block_id)
         request.block_ids.clear()
         self.holders.pop(request.request_id, None)
 
@@ -155,7 +173,7 @@ class BlockManager:
 
     def check_integrity(self) -> None:
         """Assert every invariant in the module docstring; cheap enough to call after each step."""
-        refs = Counter(b for r in self.holders.values() for b in r.block_ids)
+        refs = Counter(b for r in self.holders.values() for b in r.block_ids if b != NULL_BLOCK)
         num_used = num_cached = num_free = 0
         for block in self.blocks:
             assert block.ref_count == refs[block.block_id], block
@@ -169,8 +187,38 @@ class BlockManager:
         assert num_free + num_cached == len(self.free_queue)
         assert len(self.cached) == sum(b.block_hash is not None for b in self.blocks)
         for request in self.holders.values():
-            assert request.block_ids and len(set(request.block_ids)) == len(request.block_ids)
+            held = [b for b in request.block_ids if b != NULL_BLOCK]
+            num_null = len(request.block_ids) - len(held)
+            assert held and len(set(held)) == len(held)
+            # Released blocks are a prefix, all before the window of the next query.
+            assert request.block_ids[:num_null] == [NULL_BLOCK] * num_null
+            assert num_null <= self._num_skipped_blocks(request.num_computed_tokens)
             assert request.num_computed_tokens <= len(request.block_ids) * self.block_size
+
+    def _num_skipped_blocks(self, num_computed: int) -> int:
+        """Blocks wholly before the window of a query at position `num_computed`."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed - self.sliding_window + 1) // self.block_size
+
+    def _release_out_of_window(self, request: Request, num_skipped: int) -> None:
+        """Release `block_ids[:num_skipped]`, last first as `free` does; NULL_BLOCK stays.
+        A request admitted with a prefix hit holds no blocks yet: nothing to release."""
+        for i in range(min(num_skipped, len(request.block_ids)) - 1, -1, -1):
+            if request.block_ids[i] == NULL_BLOCK:
+                break  # the ones before were released by an earlier step
+            self._release(request.block_ids[i])
+            request.block_ids[i] = NULL_BLOCK
+
+    def _release(self, block_id: int) -> None:
+        """Drop one reference; an unreferenced block joins the free queue, a hash-less one in
+        front (nothing is lost reusing it), a cached one at the back (most recently used)."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.block_hash is None:
+                self.free_queue.move_to_end(block_id, last=False)
 
     def _pop_free(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)

@@ -23,6 +23,8 @@ Policies:
 - The one exception: an n > 1 choice whose `prefix_source` sibling has not computed its prompt
   yet is skipped (it keeps its place) so that it later hits the sibling's prompt blocks instead of
   recomputing them; the requests behind it are not held up.
+- Under a sliding window, `BlockManager.allocate` releases each request's blocks that fell out
+  of the window before it makes room for the step: a request holds its window, not its history.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable
 
-from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, SchedulerConfig, window_span_blocks
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
@@ -44,12 +46,18 @@ class Scheduler:
                  eos_token_ids: tuple[int, ...] = ()):
         self.config = scheduler_config
         self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                          cache_config.enable_prefix_caching)
+                                          cache_config.enable_prefix_caching,
+                                          cache_config.sliding_window)
         self.eos_token_ids = frozenset(eos_token_ids)
         # A request never outgrows the whole KV cache, whatever max_model_len says: past it, a
-        # lone request would preempt itself forever.
-        self.max_model_len = min(scheduler_config.max_model_len,
-                                 cache_config.num_blocks * cache_config.block_size)
+        # lone request would preempt itself forever. Under a sliding window it holds only its
+        # window's and one chunk's blocks: when those fit, any length does.
+        window = cache_config.sliding_window
+        capacity = cache_config.num_blocks * cache_config.block_size
+        if window is not None and cache_config.num_blocks >= window_span_blocks(
+                window, scheduler_config.max_num_batched_tokens, cache_config.block_size):
+            capacity = scheduler_config.max_model_len
+        self.max_model_len = min(scheduler_config.max_model_len, capacity)
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
         self.running: list[Request] = []  # holding blocks, in arrival order: last preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request, by id

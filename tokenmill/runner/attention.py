@@ -7,6 +7,11 @@ here runs everywhere; flash / paged kernels are later subclasses.
 
 Cache layout, per layer: K and V are each [num_blocks, block_size, num_kv_heads, head_dim]; token
 `p` of a request lives in slot `block_table[p // block_size] * block_size + p % block_size`.
+
+Sliding window W: the query at position p attends to positions (p - W, p] only (transformers'
+`kv_idx > q_idx - sliding_window`). Only those positions are gathered, so a decode reads at most
+W slots however long its context, and the table entries of blocks wholly before a row's first
+query's window may be anything (the block manager's NULL_BLOCK): they are never read.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ class AttentionMetadata(ABC):
     @classmethod
     @abstractmethod
     def build(cls, query_lens: list[int], context_lens: list[int],
-              block_tables: list[list[int]], block_size: int,
-              device: torch.device) -> AttentionMetadata:
+              block_tables: list[list[int]], block_size: int, device: torch.device,
+              sliding_window: int | None = None) -> AttentionMetadata:
         """Rows in batch order; `context_lens[i]` counts row i's tokens in the cache after this
-        step (computed + new). Rows with query length 1 must come first."""
+        step (computed + new). Rows with query length 1 must come first. `sliding_window`: W
+        as in the module docstring; None: each query attends to its whole context."""
 
     @abstractmethod
     def forward(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
@@ -42,7 +48,7 @@ class _Chunk:
 
     start: int
     end: int
-    slots: Tensor | None  # [L] int64 cache slots of the context; None: no earlier context
+    slots: Tensor | None  # [L] int64 cache slots of the keys; None: the keys are the chunk's own
     mask: Tensor | None  # [n, L] bool, True = attend; None: plain causal over the chunk itself
 
 
@@ -52,12 +58,13 @@ class TorchAttentionMetadata(AttentionMetadata):
 
     slot_mapping: Tensor  # [T] int64: cache slot of each new token
     num_decodes: int  # B: the first B rows have query length 1
-    decode_slots: Tensor  # [B, Lmax] int64: context slots of each decode row (padding -> 0)
-    decode_mask: Tensor  # [B, 1, 1, Lmax] bool: True on a row's real context positions
+    decode_slots: Tensor  # [B, Lmax] int64: slots of each decode row's keys (padding -> 0)
+    decode_mask: Tensor  # [B, 1, 1, Lmax] bool: True on a row's real keys
     chunks: list[_Chunk]  # prefill chunks after the decode rows, in batch order
 
     @classmethod
-    def build(cls, query_lens, context_lens, block_tables, block_size, device):
+    def build(cls, query_lens, context_lens, block_tables, block_size, device,
+              sliding_window=None):
         num_decodes = 0
         while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
             num_decodes += 1
@@ -74,25 +81,35 @@ class TorchAttentionMetadata(AttentionMetadata):
         pos = clens[row] - qlens[row] + torch.arange(len(row)) - starts[row]  # [T]
         slot_mapping = _slots(tables[row], pos, block_size)  # [T]
 
-        # Decode rows: one padded [B, Lmax] gather.
-        lmax = int(clens[:num_decodes].max()) if num_decodes else 0
+        # Decode rows: one padded [B, Lmax] gather of each row's last min(W, context) positions.
+        dlens = clens[:num_decodes]  # [B]
+        spans = dlens if sliding_window is None else dlens.clamp(max=sliding_window)  # [B]
+        lmax = int(spans.max()) if num_decodes else 0
         ctx = torch.arange(lmax)  # [Lmax]
-        valid = ctx[None, :] < clens[:num_decodes, None]  # [B, Lmax]
-        decode_slots = _slots(tables[:num_decodes, None, :].expand(-1, lmax, -1),
-                              ctx.expand(num_decodes, lmax), block_size) * valid  # [B, Lmax]
+        valid = ctx[None, :] < spans[:, None]  # [B, Lmax]
+        # Padding looks up the row's last position (its table may end there); slot 0, masked.
+        key_pos = torch.minimum((dlens - spans)[:, None] + ctx, dlens[:, None] - 1)  # [B, Lmax]
+        decode_slots = _slots(tables[:num_decodes, None, :].expand(-1, lmax, -1), key_pos,
+                              block_size) * valid  # [B, Lmax]
         decode_mask = valid[:, None, None, :]  # [B, 1, 1, Lmax]
 
         chunks = []
         for i in range(num_decodes, len(query_lens)):
             start, n, length = int(starts[i]), query_lens[i], context_lens[i]
-            if length == n:  # no earlier context: attend within the chunk, causally
-                chunks.append(_Chunk(start, start + n, None, None))
+            first_query = length - n  # position of the chunk's first token
+            if first_query == 0 and (sliding_window is None or n <= sliding_window):
+                chunks.append(_Chunk(start, start + n, None, None))  # causal within the chunk
                 continue
-            ctx_pos = torch.arange(length)  # [L]
-            slots = _slots(tables[i].expand(length, -1), ctx_pos, block_size)  # [L]
-            q_pos = torch.arange(length - n, length)  # [n]
-            mask = ctx_pos[None, :] <= q_pos[:, None]  # [n, L]
-            chunks.append(_Chunk(start, start + n, slots.to(device), mask.to(device)))
+            first_key = (0 if sliding_window is None else
+                         max(0, first_query - sliding_window + 1))  # the first query's window
+            q_pos = torch.arange(first_query, length)  # [n]
+            k_pos = torch.arange(first_key, length)  # [L]
+            mask = k_pos[None, :] <= q_pos[:, None]  # [n, L] causal
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - sliding_window  # [n, L] banded
+            slots = (None if first_query == 0 else  # no earlier context: the chunk's own keys
+                     _slots(tables[i].expand(len(k_pos), -1), k_pos, block_size).to(device))
+            chunks.append(_Chunk(start, start + n, slots, mask.to(device)))
         return cls(slot_mapping.to(device), num_decodes, decode_slots.to(device),
                    decode_mask.to(device), chunks)
 

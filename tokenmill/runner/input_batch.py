@@ -2,7 +2,8 @@
 
 Every scheduled chunk contributes the tokens [num_computed_tokens, num_computed_tokens + n) of its
 request. INVARIANT: this runs before the scheduler advances num_computed_tokens, and the
-request's block_ids already cover num_computed_tokens + n tokens. Rows with one new token (decodes)
+request's block_ids already cover num_computed_tokens + n tokens (under a sliding window, those
+before the window are NULL_BLOCK, which attention never reads). Rows with one new token (decodes)
 are placed first, so attention can handle them as one padded batch.
 """
 
@@ -28,6 +29,7 @@ class InputBatch:
 
     @classmethod
     def build(cls, scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
+              sliding_window: int | None = None,
               backend: type[AttentionMetadata] = TorchAttentionMetadata) -> InputBatch:
         # Batch order: query length 1 first (the attention backend's contract). The scheduler
         # already emits this order; sorting (stable) keeps the runner correct on its own.
@@ -48,6 +50,7 @@ class InputBatch:
             block_tables=[s.request.block_ids for s in rows],
             block_size=block_size,
             device=device,
+            sliding_window=sliding_window,
         )
         return cls(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
