@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
-from tokenmill.runner.cpu_linear import PackedLinear, can_pack, pack_linears
+from tokenmill.runner import cpu_linear
+from tokenmill.runner.cpu_linear import PackedLinear, can_pack, pack_in_place, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
                                 reason="this torch build has no oneDNN (mkldnn) CPU backend")
@@ -39,6 +42,22 @@ def test_pack_linears_replaces_every_linear_once():
         assert pack_linears(model) == 0  # idempotent: engines sharing a model may each pack it
         assert not any(isinstance(m, nn.Linear) for m in model.modules())
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_in_place_frees_each_plain_weight_before_packing_the_next(monkeypatch):
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+    plain = [weakref.ref(m.weight) for m in model]
+    alive_when_packing = []
+
+    class CountingPackedLinear(PackedLinear):
+        def __init__(self, weight, bias=None):
+            alive_when_packing.append(sum(ref() is not None for ref in plain))
+            super().__init__(weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "PackedLinear", CountingPackedLinear)
+    assert pack_in_place(model) is model
+    assert alive_when_packing == [4, 3, 2, 1]  # never more than one plain weight beyond the rest
+    assert all(ref() is None for ref in plain)
 
 
 def test_runner_packs_a_copy_and_the_tied_lm_head(loaded_default_model):

@@ -21,7 +21,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.models.loader import LoadedModel, load_model
+from tokenmill.models.loader import LoadedModel, load_weights, open_model
 from tokenmill.runner.model_runner import ModelRunner, kv_bytes_per_token
 from tokenmill.sampling_params import SamplingParams
 
@@ -43,16 +43,24 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         """`loaded` reuses weights already in memory (read-only, so engines may share them)."""
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         started = time.monotonic()
-        loaded = loaded or load_model(config.model, dtype, device, config.max_model_len)
+        owns_model = loaded is None
+        if loaded is None:  # the dtype is chosen from the architecture, before any weight is read
+            opened = open_model(config.model, config.max_model_len)
+            num_parameters = opened.num_parameters()
+            dtype = resolve_dtype(config.dtype, device, num_parameters)
+            log.info("dtype %s -> %s: %.2fB parameters on %s", config.dtype,
+                     str(dtype).removeprefix("torch."), num_parameters / 1e9, device)
+            loaded = load_weights(opened, dtype, device)
+        else:  # weights already in memory fix the dtype (and so the KV cache's)
+            dtype = next(loaded.model.parameters()).dtype
         self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, dtype))
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = self.config.scheduler.max_model_len
-        self.runner = ModelRunner(loaded, self.config.cache, device, dtype)
+        self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model)
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
                                    loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -49,14 +49,21 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def iter_hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of every shard, with a progress bar over tensors."""
+    """(HF name, tensor) for every tensor of every shard, with a progress bar over tensors.
+
+    One shard is open at a time and each tensor is read with pread(2) into its own anonymous
+    buffer: nothing stays mapped, so the only memory a tensor holds is its own, and the caller
+    may keep it as the served weight (no page of the file is ever counted in RSS)."""
     from safetensors import safe_open
 
     files = safetensors_files(path)
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    total = sum(len(h.keys()) for h in handles)
+    total = 0
+    for f in files:  # reads the headers only
+        with safe_open(str(f), framework="pt", backend="pread") as handle:
+            total += len(handle.keys())
     with tqdm(total=total, desc=f"loading {path.name}", unit="tensor") as bar:
-        for handle in handles:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-                bar.update()
+        for f in files:
+            with safe_open(str(f), framework="pt", backend="pread") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+                    bar.update()

@@ -1,7 +1,9 @@
 """Model loading stage: a model spec (a GGUF file or a HF checkpoint directory) -> LoadedModel.
 
-The model is built on the meta device (no random init, no second copy of the weights), then each
-weight is streamed from its source, cast to the served dtype and assigned in place.
+Two steps, so that the served dtype can depend on the model's size: `open_model` reads the config
+and tokenizer and builds the model on the meta device (no random init, no second copy of the
+weights); `load_weights` then streams each weight from its source, casts it to the served dtype
+and assigns it in place. `load_model` does both.
 """
 
 from __future__ import annotations
@@ -28,9 +30,31 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, with the chat template
 
 
+@dataclass
+class OpenedModel:
+    """A model spec with its config and tokenizer read and its module built on the meta device:
+    everything but the weights, so that the served dtype can be chosen from the architecture
+    before a byte of them is read. `load_weights` consumes it."""
+
+    path: Path  # the GGUF file or the checkpoint directory
+    model: nn.Module  # on the meta device: shapes only
+    config: ModelConfig
+    tokenizer: Any
+
+    def num_parameters(self) -> int:
+        """Parameters the loaded model will hold (a tied LM head counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
 def load_model(spec: str, dtype: torch.dtype, device: torch.device,
                max_model_len: int | None = None) -> LoadedModel:
     """Load a model to serve `max_model_len` tokens (None: the model's own context length)."""
+    return load_weights(open_model(spec, max_model_len), dtype, device)
+
+
+def open_model(spec: str, max_model_len: int | None = None) -> OpenedModel:
+    """Read the config and tokenizer of a GGUF file or HF checkpoint directory and build its model
+    on the meta device (no random init, no memory for weights)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         hf_config, tokenizer = load_gguf_config_and_tokenizer(path)
@@ -47,12 +71,23 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device,
     cls = model_class(config, max_model_len)
     with torch.device("meta"):
         model = cls(config)
+    return OpenedModel(path, model, config, tokenizer)
+
+
+def load_weights(opened: OpenedModel, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Stream the weights into the opened model, one tensor at a time, cast to dtype on device.
+
+    Peak memory is the loaded weights plus one tensor in its source dtype (docs/BENCHMARKS.md,
+    "Loading: peak memory"): safetensors are read without a memory map, and no source tensor
+    outlives its assignment. A GGUF is memory-mapped: the pages of the file read so far count
+    too."""
+    path, model, config = opened.path, opened.model, opened.config
     if path.suffix == ".gguf":
         weights = iter_gguf_weights(path, config.num_attention_heads, config.num_key_value_heads)
     else:
         weights = iter_hf_weights(path)
     assign_weights(model, weights, dtype, device)
-    return LoadedModel(model.to(device).eval(), config, tokenizer)
+    return LoadedModel(model.to(device).eval(), config, opened.tokenizer)
 
 
 def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -71,7 +106,11 @@ def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
                              f"model expects {tuple(expected[name].shape)}")
         module_name, _, attr = name.rpartition(".")
+        # Same dtype and device: the source tensor itself becomes the weight (no copy). Otherwise
+        # the source is dropped before the next one is read, so a load holds the weights read so
+        # far plus one tensor in its source dtype.
         param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        del tensor
         setattr(model.get_submodule(module_name), attr, param)
         del expected[name]
     if expected:

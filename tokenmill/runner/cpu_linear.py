@@ -40,22 +40,29 @@ def packed_copy(model: nn.Module) -> nn.Module:
     Only the module tree is copied: every tensor is shared (deepcopy's memo maps each to itself),
     and the packed weights replace the linears in the copy alone. So a LoadedModel stays what it
     was loaded as, whoever runs it, and the plain linear weights are freed once the caller drops
-    the original.
+    the original; until then both copies are held.
     """
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    clone = copy.deepcopy(model, memo=shared)
-    pack_linears(clone)
-    if getattr(clone, "lm_head", False) is None:  # tied embeddings: a packed copy as the head
-        clone.lm_head = PackedLinear(clone.model.embed_tokens.weight)
-    return clone
+    return pack_in_place(copy.deepcopy(model, memo=shared))
+
+
+def pack_in_place(model: nn.Module) -> nn.Module:
+    """Pack `model`'s linears and, with tied embeddings, add a packed LM head; returns `model`.
+
+    Each plain weight is released as soon as its packed copy exists, so packing a model that
+    nobody else holds needs one linear's memory beyond the model, never a second copy of it."""
+    pack_linears(model)
+    if getattr(model, "lm_head", False) is None:  # tied embeddings: a packed copy as the head
+        model.lm_head = PackedLinear(model.model.embed_tokens.weight)
+    return model
 
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear in `model` by a PackedLinear, in place; returns how many."""
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-                replaced += 1
-    return replaced
+    # (parent, name) pairs, not the linears: a list of them would keep every plain weight alive.
+    slots = [(module, name) for module in model.modules()
+             for name, child in module.named_children() if isinstance(child, nn.Linear)]
+    for module, name in slots:
+        linear = getattr(module, name)  # rebinding drops the previous, already replaced, one
+        setattr(module, name, PackedLinear(linear.weight, linear.bias))
+    return len(slots)

@@ -13,7 +13,7 @@ from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
 from tokenmill.engine.request import Request
 from tokenmill.models.loader import LoadedModel
-from tokenmill.runner.cpu_linear import can_pack, packed_copy
+from tokenmill.runner.cpu_linear import can_pack, pack_in_place, packed_copy
 from tokenmill.runner.input_batch import InputBatch
 from tokenmill.runner.sampler import Sampler
 
@@ -26,13 +26,16 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, owns_model: bool = False):
+        """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may pack its linears
+        in place, freeing each plain weight as it goes, instead of packing a copy."""
         if cache_config.num_blocks <= 0:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
         self.model = loaded.model
         self.device = device
         self.block_size = cache_config.block_size
+        self.sliding_window = cache_config.sliding_window
         # One allocation, zeroed: padded gathers read slots that were never written.
         self.kv_cache = torch.zeros(
             c.num_hidden_layers, 2, cache_config.num_blocks, cache_config.block_size,
@@ -41,12 +44,13 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
         if can_pack(device, dtype):
-            self.model = packed_copy(self.model)
+            self.model = pack_in_place(self.model) if owns_model else packed_copy(self.model)
 
     @torch.inference_mode()
     def compute_logits(self, sched_out: SchedulerOutput) -> tuple[list[Request], Tensor]:
         """Run the step's forward pass; the sampling requests and their logits [S, V] float32."""
-        batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device)
+        batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device,
+                                 self.sliding_window)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, H]
         return batch.sample_requests, self.model.compute_logits(hidden[batch.sample_indices])
 
