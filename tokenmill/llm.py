@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from tokenmill.catalog.templates import BUILTIN_TEMPLATES, ChatTemplate
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.outputs import TokenLogprobs
@@ -37,10 +38,14 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_options):
+    def __init__(self, model: str | None = None, chat_template: str | None = None,
+                 **engine_options):
+        """`chat_template`: the built-in template (BUILTIN_TEMPLATES) for a checkpoint that has
+        no template of its own; the checkpoint's own always wins."""
         self.engine = LLMEngine(EngineConfig(model=model or str(default_model_path()),
                                              **engine_options))
         self.tokenizer = self.engine.tokenizer
+        self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer, chat_template)
         self._next_id = 0
 
     def generate(self, prompts: str | list[str] | list[list[int]],
@@ -53,10 +58,15 @@ class LLM:
         return self._run(ids, params or SamplingParams(), use_tqdm)
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[GenerationResult]:
-        """Complete conversations rendered with the model's chat template."""
+             use_tqdm: bool = False, tools: list[dict] | None = None) -> list[GenerationResult]:
+        """Complete conversations rendered with the model's chat template (`tools`: OpenAI
+        function schemas, for templates that take them)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template: name a built-in one with "
+                             f"LLM(..., chat_template=...) ({', '.join(BUILTIN_TEMPLATES)}), or "
+                             "use generate() with raw prompts")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        ids = [render_chat(self.tokenizer, m) for m in conversations]
+        ids = [render_chat(self.chat_template, self.tokenizer, m, tools) for m in conversations]
         return self._run(ids, params or SamplingParams(), use_tqdm)
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams,
