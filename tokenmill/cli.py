@@ -1,12 +1,18 @@
-"""The `tokenmill` command: `serve` (`keys` arrives with the platform issue)."""
+"""The `tokenmill` command: `serve` models behind an OpenAI-compatible API, `pull` a model from
+the Hugging Face Hub, list the catalog with `models`."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
+import os
 import signal
 import sys
+import urllib.error
+import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import uvicorn
@@ -15,6 +21,12 @@ from tokenmill import __version__
 
 log = logging.getLogger("tokenmill")
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class UsageError(Exception):
+    """A command line that cannot be served as given; the message says why."""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
@@ -22,17 +34,23 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="serve models behind an OpenAI-compatible API")
     serve.add_argument("--model", action="append", metavar="SPEC",
-                       help="a GGUF file or a Hugging Face checkpoint directory (default: the "
-                            "bundled SmolLM2-135M-Instruct)")
+                       help="a catalog id, a Hugging Face checkpoint directory or a GGUF file; "
+                            "repeat it to serve several models (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--catalog", type=Path, metavar="FILE",
+                       help="catalog file overriding the shipped catalog (instead of "
+                            "$TOKENMILL_HOME/catalog.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--kv-cache-gib", type=float, action="append", metavar="GIB",
+                       help="KV cache memory: given once, the total, split evenly across the "
+                            "models; or given once per --model, in the same order (default: 1 "
+                            "GiB per model)")
     # Engine and server options default to their config dataclasses' fields: an option left
     # out is absent from `args` (SUPPRESS) and the dataclass default applies.
     opt = dict(default=argparse.SUPPRESS)
     serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16", **opt)
     serve.add_argument("--device", help="auto, cpu or cuda", **opt)
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
-    serve.add_argument("--kv-cache-gib", type=float, **opt)
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-body-bytes", type=int, **opt)
@@ -43,50 +61,153 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
                        help="on SIGTERM, seconds that in-flight requests get to finish", **opt)
     serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=serve_command)
+
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub into "
+                                       "$TOKENMILL_HOME/models")
+    pull.add_argument("model", metavar="ID", help="a catalog id or a Hugging Face repo id")
+    pull.add_argument("--gguf-file", metavar="FILE",
+                      help="download only this GGUF file of the repo")
+    pull.add_argument("--revision", help="a branch, tag or commit of the repo (default: main)")
+    pull.add_argument("--catalog", type=Path, metavar="FILE", help="catalog file overriding the "
+                                                                  "shipped catalog")
+    pull.set_defaults(run=pull_command)
+
+    models = sub.add_parser("models", help="list the catalog: prices, hardware, what is "
+                                           "downloaded and what a server is serving")
+    models.add_argument("--url", default=DEFAULT_URL,
+                        help=f"the server whose models to show (default: {DEFAULT_URL})")
+    models.add_argument("--catalog", type=Path, metavar="FILE", help="catalog file overriding "
+                                                                    "the shipped catalog")
+    models.set_defaults(run=models_command)
 
     args = parser.parse_args(argv)
-    return serve_command(args)
+    return args.run(args)
 
 
-ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "kv_cache_gib", "max_num_seqs")
+# ---- serve --------------------------------------------------------------------------------------
+
+ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs")
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_requests", "drain_timeout_s")
+DEFAULT_KV_CACHE_GIB = 1.0  # per model, when --kv-cache-gib is not given
 
 
 def _given(args, names: tuple[str, ...]) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
-def model_id_for(path: Path) -> str:
-    """The id clients send: DEFAULT_MODEL_ID for the bundled GGUF, else the file stem/dir name."""
-    from tokenmill.models.default import DEFAULT_MODEL_ID, MEMBER
+def resolve_specs(catalog, specs: list[str]) -> list:
+    """Every spec as a ResolvedModel; all the errors at once (one per line) in a UsageError,
+    duplicates included, before anything is loaded."""
+    from tokenmill.catalog.catalog import CatalogError
 
-    if path.name == Path(MEMBER).name:
-        return DEFAULT_MODEL_ID
-    return path.stem if path.is_file() else path.name
+    resolved, errors = [], []
+    for spec in specs:
+        try:
+            resolved.append(catalog.resolve(spec))
+        except CatalogError as exc:
+            errors.append(str(exc))
+    ids = [model.id for model in resolved]
+    twice = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+    if twice:
+        errors.append(f"{', '.join(twice)} given more than once: a server serves a model once")
+    if errors:
+        raise UsageError("\n".join(errors))
+    return resolved
+
+
+def kv_shares(n_models: int, given: list[float] | None) -> list[float]:
+    """KV cache GiB of each model: `given` once is a total split evenly, once per model is each
+    model's own; none gives each model the default."""
+    if not given:
+        return [DEFAULT_KV_CACHE_GIB] * n_models
+    if any(gib <= 0 for gib in given):
+        raise UsageError(f"--kv-cache-gib must be positive, not {min(given)}")
+    if len(given) == 1:
+        return [given[0] / n_models] * n_models
+    if len(given) == n_models:
+        return list(given)
+    raise UsageError(f"--kv-cache-gib given {len(given)} times for {n_models} models: give it "
+                     "once (the total, split evenly) or once per --model, in the same order")
+
+
+def check_fits(weight_bytes: list[int], shares: list[float], ram_bytes: int) -> None:
+    """Refuse models whose weights and KV caches together exceed the machine's memory."""
+    kv_bytes = int(sum(shares) * (1 << 30))
+    need = sum(weight_bytes) + kv_bytes
+    if need > ram_bytes:
+        gib = 1 << 30
+        raise UsageError(
+            f"the models need about {need / gib:.1f} GiB (weights {sum(weight_bytes) / gib:.1f} "
+            f"GiB + KV cache {kv_bytes / gib:.1f} GiB) but this machine has {ram_bytes / gib:.1f} "
+            "GiB of memory: lower --kv-cache-gib, serve fewer or smaller models, or choose a "
+            "smaller --dtype")
+
+
+def _check_memory(resolved: list, shares: list[float], args) -> None:
+    """On CPU, the weights (parameters x the bytes of the dtype each will load in) and the KV
+    caches must fit in RAM."""
+    from tokenmill.catalog.checkpoint_info import checkpoint_info
+    from tokenmill.config import resolve_device, resolve_dtype
+
+    device = resolve_device(getattr(args, "device", "auto"))
+    if device.type != "cpu":
+        return
+    weights = []
+    for model in resolved:
+        try:
+            n = checkpoint_info(model.path).num_parameters
+            weights.append(n * resolve_dtype(getattr(args, "dtype", "auto"), device, n).itemsize)
+        except ValueError as exc:  # unreadable files, an unknown --dtype
+            raise UsageError(str(exc)) from None
+    check_fits(weights, shares, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def fingerprint(path: Path, dtype: str) -> str:
+    """system_fingerprint: changes when the code, the model file or the dtype does."""
+    return "fp_" + hashlib.sha256(f"{__version__}:{path.name}:{dtype}".encode()).hexdigest()[:10]
+
+
+def load_models(resolved: list, shares: list[float], args) -> list:
+    """One engine per model (each with its own step thread and KV cache), as ServedModels."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.server.models import ServedModel
+
+    served = []
+    for model, share in zip(resolved, shares):
+        config = EngineConfig(model=str(model.path), kv_cache_gib=share,
+                              **_given(args, ENGINE_OPTIONS))
+        try:
+            engine = AsyncLLM.from_config(config)
+        except ValueError as exc:  # a configuration the model cannot take
+            raise UsageError(f"cannot load {model.id} from {model.path}: {exc}") from None
+        log.info("loaded %s from %s (context %d, KV cache %.2f GiB)", model.id, model.path,
+                 engine.max_model_len, share)
+        served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
+                                  fingerprint=fingerprint(model.path, config.dtype)))
+    return served
 
 
 def serve_command(args) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tokenmill.config import EngineConfig
-    from tokenmill.engine.async_llm import AsyncLLM
-    from tokenmill.models.default import default_model_path, tokenmill_home
+    from tokenmill.catalog.catalog import CatalogError, load_catalog
+    from tokenmill.models.default import DEFAULT_MODEL_ID, tokenmill_home
     from tokenmill.server.app import build_app
     from tokenmill.server.auth import KeyStore, ensure_admin_key
-    from tokenmill.server.pricing import price_for
     from tokenmill.server.state import ServerSettings
+
+    try:
+        resolved = resolve_specs(load_catalog(args.catalog), args.model or [DEFAULT_MODEL_ID])
+        shares = kv_shares(len(resolved), args.kv_cache_gib)
+        _check_memory(resolved, shares, args)
+    except (CatalogError, UsageError) as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
 
     home = tokenmill_home()
     home.mkdir(parents=True, exist_ok=True)
-    specs = args.model or []
-    if len(specs) > 1:
-        log.warning("several --model given; serving only the first (%s) for now", specs[0])
-    path = Path(specs[0]).expanduser() if specs else default_model_path()
-    if not path.exists():
-        log.error("model %s not found (a GGUF file or a checkpoint directory)", path)
-        return 2
-    model_id = model_id_for(path)
-
     store = None
     if args.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
@@ -98,19 +219,19 @@ def serve_command(args) -> int:
             print(f"Created the admin API key (also saved to {home / 'admin.key'}):\n{key}",
                   flush=True)
 
-    log.info("loading %s from %s", model_id, path)
-    config = EngineConfig(model=str(path), **_given(args, ENGINE_OPTIONS))
-    engine = AsyncLLM.from_config(config)
-    digest = hashlib.sha256(f"{__version__}:{path.name}:{config.dtype}".encode()).hexdigest()
-    settings = ServerSettings(model_id=model_id, price=price_for(model_id), key_store=store,
-                              fingerprint="fp_" + digest[:10], **_given(args, SERVER_OPTIONS))
-    app = build_app(engine, settings)
+    try:
+        served = load_models(resolved, shares, args)
+    except UsageError as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
+    settings = ServerSettings(key_store=store, **_given(args, SERVER_OPTIONS))
+    app = build_app(served, settings)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,
                                timeout_keep_alive=5)
     server = DrainingServer(uv_config, app)
-    log.info("serving %s (context %d) on http://%s:%d/v1", model_id, engine.max_model_len,
-             args.host, args.port)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(m.id for m in served), args.host,
+             args.port)
     server.run()
     return 0
 
@@ -118,7 +239,7 @@ def serve_command(args) -> int:
 class DrainingServer(uvicorn.Server):
     """Marks the app as draining the moment SIGTERM/SIGINT arrives: /health and new /v1 requests
     get a 503 while uvicorn lets in-flight ones finish (the drain timeout), then cancels the rest
-    (which aborts them in the engine) and runs the lifespan shutdown that stops the engine."""
+    (which aborts them in the engine) and runs the lifespan shutdown that stops the engines."""
 
     def __init__(self, config: uvicorn.Config, app):
         super().__init__(config)
@@ -130,6 +251,98 @@ class DrainingServer(uvicorn.Server):
                      self.config.timeout_graceful_shutdown or 0)
         self.app_state.draining = True
         super().handle_exit(sig, frame)
+
+
+# ---- pull ---------------------------------------------------------------------------------------
+
+def pull_command(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tokenmill.catalog.catalog import CatalogError, load_catalog
+    from tokenmill.catalog.pull import PullError, pull
+
+    try:
+        path = pull(args.model, load_catalog(args.catalog), args.gguf_file, args.revision)
+    except (CatalogError, PullError) as exc:
+        print(f"tokenmill pull: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+def models_command(args) -> int:
+    from tokenmill.catalog.catalog import CatalogError, load_catalog
+
+    try:
+        catalog = load_catalog(args.catalog)
+    except CatalogError as exc:
+        print(f"tokenmill models: {exc}", file=sys.stderr)
+        return 1
+    print(format_models(catalog, *served_models(args.url)))
+    return 0
+
+
+def served_models(url: str) -> tuple[str, list[str] | None, str | None]:
+    """(url, the ids the server at `url` lists, or None with the reason it could not say)."""
+    from tokenmill.models.default import tokenmill_home
+
+    key_file = tokenmill_home() / "admin.key"
+    headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"} \
+        if key_file.is_file() else {}
+    request = urllib.request.Request(url.rstrip("/") + "/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return url, [model["id"] for model in json.load(response)["data"]], None
+    except urllib.error.HTTPError as exc:
+        return url, None, f"the server at {url} did not list its models (HTTP {exc.code})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return url, None, f"no server at {url}"
+
+
+def format_models(catalog, url: str, served: list[str] | None, problem: str | None) -> str:
+    """The catalog as a table (a second line per model: its name and what it needs), then what
+    the server serves outside the catalog and the local models the catalog does not list."""
+    rows = [("ID", "FAMILY", "CONTEXT", "USD/1M IN", "USD/1M OUT", "LOCAL", "SERVED")]
+    notes = []
+    for entry in catalog:
+        rows.append((entry.id, entry.family, str(entry.context_length), _usd(entry.price.input),
+                     _usd(entry.price.output), "yes" if catalog.is_present(entry) else "no",
+                     "-" if served is None else "yes" if entry.id in served else "no"))
+        cached = "" if entry.price.cached_input is None else \
+            f"; cached input USD {_usd(entry.price.cached_input)}/1M"
+        notes.append(f"    {entry.name}{cached}; needs {entry.hardware}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    out = lines[:1] + [line for pair in zip(lines[1:], notes) for line in pair]
+    if problem is not None:
+        out.append(f"\nSERVED: {problem}")
+    else:
+        extra = [model_id for model_id in served if catalog.get(model_id) is None]
+        if extra:
+            out.append(f"\nAlso served at {url} (not in the catalog): {', '.join(extra)}")
+    local = _uncatalogued_local_models(catalog)
+    if local:
+        out.append("\nLocal models not in the catalog (serve one with --model PATH):")
+        out += [f"    {path}" for path in local]
+    return "\n".join(out)
+
+
+def _uncatalogued_local_models(catalog) -> list[Path]:
+    """Checkpoint directories and GGUF files under $TOKENMILL_HOME/models that no entry names."""
+    from tokenmill.catalog.catalog import models_dir
+
+    root = models_dir()
+    known = {os.path.realpath(catalog.local_path(entry)) for entry in catalog}
+    found = [p.parent for p in root.rglob("config.json")] + list(root.rglob("*.gguf"))
+    return sorted(p for p in found if ".partial" not in p.relative_to(root).parts
+                  and os.path.realpath(p) not in known)
+
+
+def _usd(micro: int) -> str:
+    """micro-USD as exact decimal USD: 390000 -> "0.39"."""
+    return format(Decimal(micro).scaleb(-6).normalize(), "f")
 
 
 if __name__ == "__main__":
