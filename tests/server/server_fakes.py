@@ -10,17 +10,20 @@ import asyncio
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from tokenmill.catalog.catalog import CatalogEntry, ModelSource
+from tokenmill.catalog.pricing import Price
 from tokenmill.engine.async_llm import EngineDeadError
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+from tokenmill.server.models import ServedModel
 
 REPLY = "Hello there, friend."
 
 
 class CharTokenizer:
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
+    chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")
+    bos_token = eos_token = None
 
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
@@ -101,3 +104,12 @@ class FakeEngine:
 
     async def shutdown(self):
         pass
+
+
+def served(engine, model_id: str = "fake-model",
+           price: Price = Price(input=20_000, output=40_000)) -> ServedModel:
+    """`engine` served under `model_id` at `price` (micro-USD per 1M tokens)."""
+    entry = CatalogEntry(id=model_id, name=model_id, summary="", card="", family="llama",
+                         template=None, context_length=engine.max_model_len, price=price,
+                         source=ModelSource(path="/nonexistent"), hardware="")
+    return ServedModel(id=model_id, engine=engine, entry=entry)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+import pytest
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
@@ -39,3 +45,45 @@ def free_port() -> int:
 def tokenmill_command() -> list[str]:
     script = Path(sys.executable).parent / "tokenmill"
     return [str(script)] if script.exists() else [sys.executable, "-m", "tokenmill.cli"]
+
+
+def start_server(home: Path, args: list[str]) -> Server:
+    """`tokenmill serve ARGS` on a free loopback port with $TOKENMILL_HOME=home, once /health
+    answers 200 (the admin key is read when auth is on); fails the test with the log otherwise."""
+    port = free_port()
+    stdout_path = home / "server.log"
+    env = dict(os.environ, TOKENMILL_HOME=str(home), PYTHONUNBUFFERED="1")
+    cmd = tokenmill_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(stdout_path, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"tokenmill serve exited with {proc.returncode}:\n"
+                        f"{stdout_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n"
+                        f"{stdout_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+    key_file = home / "admin.key"
+    key = key_file.read_text().strip() if key_file.exists() else ""
+    return Server(base_url, key, home, proc, stdout_path)
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM (the drain path), then SIGKILL if it has not exited within a minute."""
+    proc = server.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -9,10 +9,10 @@ import json
 import httpx
 import pytest
 
-from server_fakes import REPLY, FakeEngine
+from server_fakes import REPLY, FakeEngine, served
+from tokenmill.catalog.pricing import Price
 from tokenmill.server.app import build_app
 from tokenmill.server.auth import KeyStore, ensure_admin_key
-from tokenmill.server.pricing import Price
 from tokenmill.server.state import ServerSettings
 
 MODEL = "fake-model"
@@ -34,9 +34,8 @@ def admin_key(key_store, tmp_path):
 
 
 def make_client(engine, key_store, **overrides):
-    settings = ServerSettings(model_id=MODEL, price=Price(0.02, 0.04), key_store=key_store,
-                              created=1700000000, **overrides)
-    app = build_app(engine, settings)
+    settings = ServerSettings(key_store=key_store, created=1700000000, **overrides)
+    app = build_app([served(engine, MODEL)], settings)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), app
 
 
@@ -46,6 +45,9 @@ async def client(engine, key_store, admin_key):
     c.headers["Authorization"] = f"Bearer {admin_key}"
     async with c:
         yield c
+
+
+PROMPT_TEXT = "<user>Hi<assistant>"  # chat_body's one message through the fake chat template
 
 
 def chat_body(**kw):
@@ -292,6 +294,37 @@ async def test_models(client, engine):
     assert (await client.get(f"/v1/models/{MODEL}")).json() == card
 
 
+async def test_two_models_answer_by_id_and_bill_at_their_own_prices(key_store, admin_key):
+    cheap, dear = FakeEngine(), FakeEngine(max_model_len=128)
+    settings = ServerSettings(key_store=key_store, created=1700000000)
+    app = build_app([served(cheap, "org/cheap", Price(input=20_000, output=40_000)),
+                     served(dear, "org/dear", Price(input=390_000, output=650_000,
+                                                    cached_input=100_000))], settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        listed = (await c.get("/v1/models")).json()["data"]
+        assert [(m["id"], m["owned_by"], m["context_length"], m["pricing"]) for m in listed] == [
+            ("org/cheap", "org", 256, {"input": 0.02, "output": 0.04}),
+            ("org/dear", "org", 128, {"input": 0.39, "output": 0.65, "cached_input": 0.1})]
+        costs = {}
+        for model, engine in (("org/cheap", cheap), ("org/dear", dear)):
+            body = (await c.post("/v1/chat/completions",
+                                 json=chat_body(model=model, max_tokens=5))).json()
+            assert body["model"] == model
+            assert engine.calls[-1][2] == body["id"]  # served by that model's engine
+            usage = body["usage"]
+            assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(PROMPT_TEXT), 5)
+            costs[model] = usage["estimated_cost"]
+        # 19 prompt + 5 completion tokens at each model's price (micro-USD per 1M = picodollars)
+        assert costs == {"org/cheap": (19 * 20_000 + 5 * 40_000) / 1e12,
+                         "org/dear": (19 * 390_000 + 5 * 650_000) / 1e12}
+        r = await c.post("/v1/chat/completions", json=chat_body(model="org/other"))
+        assert_error(r, 404, code="model_not_found", param="model")
+        assert "Served models: org/cheap, org/dear." in r.json()["error"]["message"]
+        assert_error(await c.get("/v1/models/org/other"), 404, code="model_not_found")
+
+
 async def test_body_limit_413(engine, key_store, admin_key):
     c, _ = make_client(engine, key_store, max_body_bytes=1000)
     async with c:
@@ -392,7 +425,7 @@ async def test_metrics_counts(client):
                  "tokenmill_kv_cache_usage_ratio", "tokenmill_time_to_first_token_seconds_bucket",
                  "tokenmill_inter_token_latency_seconds_bucket"):
         assert name in text
-    assert "tokenmill_generation_tokens_total 5.0" in text
+    assert f'tokenmill_generation_tokens_total{{model="{MODEL}"}} 5.0' in text
     assert 'tokenmill_requests_total{endpoint="chat",outcome="ok"} 1.0' in text
 
 

@@ -12,17 +12,16 @@ import signal
 import httpx
 import uvicorn
 
-from server_fakes import FakeEngine
+from server_fakes import FakeEngine, served
 from server_live import free_port
 from tokenmill.cli import DrainingServer
 from tokenmill.server.app import build_app
-from tokenmill.server.pricing import Price
 from tokenmill.server.state import ServerSettings
 
 
 async def test_drain_timeout_aborts_what_is_left():
     engine = FakeEngine(delay=0.2)  # 20 characters: ~4 s per request, longer than the drain
-    app = build_app(engine, ServerSettings(model_id="m", price=Price(0, 0), key_store=None))
+    app = build_app([served(engine, "m")], ServerSettings(key_store=None))
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=0.5)

@@ -41,10 +41,11 @@ def http(server):
 
 
 def metric(server, name: str) -> float:
+    """The metric's value summed over its label sets (e.g. one per served model)."""
     text = httpx.get(server.base_url + "/metrics", timeout=10).text
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert m, f"{name} missing from /metrics"
-    return float(m.group(1))
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert values, f"{name} missing from /metrics"
+    return sum(float(v) for v in values)
 
 
 def wait_idle(server, timeout: float = 15.0) -> float:
@@ -277,7 +278,9 @@ def test_models_health_metrics_docs(server, client):
     text = httpx.get(server.base_url + "/metrics").text
     for name in ("tokenmill_requests_running", "tokenmill_requests_waiting",
                  "tokenmill_kv_cache_usage_ratio", "tokenmill_prompt_tokens_total",
-                 "tokenmill_generation_tokens_total", "tokenmill_time_to_first_token_seconds_count",
+                 "tokenmill_generation_tokens_total"):  # one series per served model
+        assert re.search(rf'^{name}{{model="{MODEL_ID}"}} ', text, re.M), name
+    for name in ("tokenmill_time_to_first_token_seconds_count",
                  "tokenmill_inter_token_latency_seconds_count"):
         assert re.search(rf"^{name} ", text, re.M), name
     assert metric(server, "tokenmill_generation_tokens_total") > 0
@@ -457,4 +460,4 @@ def test_sigterm_drains_in_flight_requests(server):
     finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
     assert finishes[-1] == "length"
     assert server.proc.wait(timeout=30) is not None
-    assert "engine stopped" in server.output()
+    assert f"engine of {MODEL_ID} stopped" in server.output()

@@ -1,4 +1,4 @@
-"""build_app(engine, settings): the FastAPI application, with thin routes.
+"""build_app(models, settings): the FastAPI application, with thin routes.
 
 Routes validate nothing themselves: pydantic (protocol.py) checks the body, the guard middleware
 checks auth, draining and body size, and the serving classes do the rest.
@@ -15,13 +15,13 @@ from fastapi.security import HTTPBearer
 
 import tokenmill
 from tokenmill.server.auth import Authenticator
-from tokenmill.server.errors import install_error_handlers, model_not_found
+from tokenmill.server.errors import install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, Metrics
 from tokenmill.server.middleware import GuardMiddleware
+from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse, ErrorResponse,
-                                       ModelCard,
-                                       ModelList, Pricing)
+                                       ModelCard, ModelList)
 from tokenmill.server.serving_chat import ChatServing
 from tokenmill.server.serving_completion import CompletionServing
 from tokenmill.server.state import ServerSettings, ServerState
@@ -33,33 +33,31 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
 
-def build_app(engine, settings: ServerSettings) -> FastAPI:
+def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
+    """The app serving every model of `served` (one engine each), routed by `model`."""
+    models = ServedModels(served)
     state = ServerState(settings)
     metrics = Metrics()
-    chat = ChatServing(engine, settings, state, metrics)
-    completions = CompletionServing(engine, settings, state, metrics)
+    chat = ChatServing(models, settings, state, metrics)
+    completions = CompletionServing(models, settings, state, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         # uvicorn has drained (or cancelled) in-flight requests by now.
         state.draining = True
-        await engine.shutdown()
-        log.info("engine stopped")
+        for model in models:
+            await model.engine.shutdown()
+            log.info("engine of %s stopped", model.id)
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__,
                   description="OpenAI-compatible inference server", lifespan=lifespan)
     app.state.server_state = state
     app.state.metrics = metrics
-    app.state.engine = engine
+    app.state.models = models
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, authenticator=Authenticator(settings.key_store),
                        state=state)
-
-    def card() -> ModelCard:
-        return ModelCard(id=settings.model_id, created=settings.created,
-                         context_length=engine.max_model_len,
-                         pricing=Pricing(input=settings.price.input, output=settings.price.output))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Security(_bearer)], responses=_ERRORS)
 
@@ -75,13 +73,11 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     @v1.get("/models", response_model=ModelList)
     async def list_models():
-        return ModelList(data=[card()])
+        return ModelList(data=[model.card(settings.created) for model in models])
 
     @v1.get("/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str):
-        if model_id != settings.model_id:
-            raise model_not_found(model_id)
-        return card()
+        return models.get(model_id).card(settings.created)
 
     app.include_router(v1)
 
@@ -89,12 +85,13 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if not engine.is_healthy():
-            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        dead = [model.id for model in models if not model.engine.is_healthy()]
+        if dead:
+            return JSONResponse({"status": "unhealthy", "models": dead}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics():
-        return Response(metrics.render(engine, state.in_flight), media_type=CONTENT_TYPE)
+        return Response(metrics.render(models, state.in_flight), media_type=CONTENT_TYPE)
 
     return app

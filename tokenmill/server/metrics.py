@@ -1,7 +1,7 @@
 """Prometheus metrics, in a registry owned by the app (never the process-global one).
 
-Gauges are read from the engine at scrape time; counters and histograms are fed by the serving
-layer as outputs arrive.
+Gauges are read from each served model's engine at scrape time (label `model`); counters and
+histograms are fed by the serving layer as outputs arrive.
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("tokenmill_requests_running", "Requests in the engine's running batch",
-                             registry=r)
+                             ["model"], registry=r)
         self.waiting = Gauge("tokenmill_requests_waiting", "Requests queued in the engine",
-                             registry=r)
+                             ["model"], registry=r)
         self.kv_usage = Gauge("tokenmill_kv_cache_usage_ratio", "Fraction of KV blocks in use",
-                              registry=r)
+                              ["model"], registry=r)
         self.in_flight = Gauge("tokenmill_http_requests_in_flight",
                                "Generation requests being served by the HTTP layer", registry=r)
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed",
-                                     registry=r)
+                                     ["model"], registry=r)
         self.cached_tokens = Counter("tokenmill_cached_prompt_tokens",
-                                     "Prompt tokens served by the prefix cache", registry=r)
+                                     "Prompt tokens served by the prefix cache", ["model"],
+                                     registry=r)
         self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated",
-                                         registry=r)
+                                         ["model"], registry=r)
         self.requests = Counter("tokenmill_requests", "Finished generation requests",
                                 ["endpoint", "outcome"], registry=r)
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds",
@@ -44,10 +45,12 @@ class Metrics:
         self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
-    def render(self, engine, in_flight: int) -> bytes:
+    def render(self, models, in_flight: int) -> bytes:
+        """The exposition text; `models` are the served models (id, engine)."""
         self.in_flight.set(in_flight)
-        stats = engine.stats()
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
+        for model in models:
+            stats = model.engine.stats()
+            self.running.labels(model.id).set(stats.num_running)
+            self.waiting.labels(model.id).set(stats.num_waiting)
+            self.kv_usage.labels(model.id).set(stats.kv_cache_usage)
         return generate_latest(self.registry)

@@ -265,6 +265,7 @@ class CompletionResponse(_Response):
 class Pricing(_Response):
     input: float  # USD per 1M prompt tokens
     output: float  # USD per 1M completion tokens
+    # (extra) cached_input: USD per 1M cached prompt tokens, where the catalog prices it apart
 
 
 class ModelCard(_Response):

@@ -26,8 +26,9 @@ from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
-                                     invalid_request, model_not_found, not_supported)
+                                     invalid_request, not_supported)
 from tokenmill.server.metrics import Metrics
+from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
 from tokenmill.server.state import ServerSettings, ServerState
 from tokenmill.server.streams import ClientDisconnected, guarded, merge
@@ -47,6 +48,7 @@ class Job:
     """A checked request, ready for the engine. Choice `c = p * n + i` is choice `i` of prompt
     `p` (OpenAI's numbering for a list of prompts); chat has one prompt."""
 
+    model: ServedModel  # the model (engine, price, template) the request is routed to
     prompts: list[list[int]]  # token ids of each prompt
     params: SamplingParams  # one for all prompts: the longest decided what fits
     echo: list[str]  # per prompt, the text its choices start with (the echoed prompt, or "")
@@ -71,25 +73,24 @@ class OpenAIServing(ABC):
     endpoint: str
     id_prefix: str
 
-    def __init__(self, engine, settings: ServerSettings, state: ServerState, metrics: Metrics):
-        self.engine = engine
+    def __init__(self, models: ServedModels, settings: ServerSettings, state: ServerState,
+                 metrics: Metrics):
+        self.models = models
         self.settings = settings
         self.state = state
         self.metrics = metrics
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = engine.model_config.vocab_size
-        self._token_text: dict[int, str] = {}
 
     # ---- validation -----------------------------------------------------------------------
 
-    def check_request(self, req) -> None:
-        """Checks shared by both endpoints that pydantic cannot name a parameter for."""
-        if req.model != self.settings.model_id:
-            raise model_not_found(req.model)
+    def check_request(self, req) -> ServedModel:
+        """Checks shared by both endpoints that pydantic cannot name a parameter for; returns the
+        model the request is routed to (a 404 naming the served ids if there is none)."""
+        model = self.models.get(req.model)
         if req.stream_options is not None and not req.stream:
             raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' "
                                   "is enabled.", "stream_options", "invalid_value")
         self.check_response_format(req.response_format)
+        return model
 
     @staticmethod
     def check_response_format(response_format: dict | None) -> None:
@@ -97,25 +98,28 @@ class OpenAIServing(ABC):
             raise not_supported("response_format", "response_format "
                                 f"{response_format.get('type')!r} (structured output)")
 
-    def check_token_ids(self, ids, param: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+    @staticmethod
+    def check_token_ids(model: ServedModel, ids, param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < model.vocab_size]
         if bad:
             raise invalid_request(f"token id {bad[0]} is out of vocabulary "
-                                  f"(vocab_size {self.vocab_size})", param, "invalid_value")
+                                  f"(vocab_size {model.vocab_size})", param, "invalid_value")
 
-    def check_prompts(self, prompts: list[list[int]], params: SamplingParams,
+    @staticmethod
+    def check_prompts(model: ServedModel, prompts: list[list[int]], params: SamplingParams,
                       prompt_param: str) -> None:
         """The engine's own prompt check, run before the response starts (a stream cannot turn
         into a 400 later); `prompt_param` is what the 400 names."""
         for ids in prompts:
             try:
-                self.engine.engine.check_prompt(ids, params)  # LLMEngine's: pure, thread-safe
+                model.engine.engine.check_prompt(ids, params)  # LLMEngine's: pure, thread-safe
             except PromptError as exc:
                 raise invalid_request(str(exc), prompt_param, "invalid_value") from None
 
-    def sampling_params(self, req, prompt_len: int, prompt_param: str) -> SamplingParams:
+    def sampling_params(self, model: ServedModel, req, prompt_len: int,
+                        prompt_param: str) -> SamplingParams:
         """Build SamplingParams, refusing (never truncating) what does not fit the context."""
-        max_len = self.engine.max_model_len
+        max_len = model.max_model_len
         room = max_len - prompt_len
         if room < 1:
             raise context_length_exceeded(
@@ -136,9 +140,9 @@ class OpenAIServing(ABC):
         else:
             max_tokens = asked
         logit_bias = req.logit_bias or {}  # token id -> bias, keys converted by protocol
-        self.check_token_ids(logit_bias, "logit_bias")
+        self.check_token_ids(model, logit_bias, "logit_bias")
         stop_token_ids = tuple(req.stop_token_ids or ())
-        self.check_token_ids(stop_token_ids, "stop_token_ids")
+        self.check_token_ids(model, stop_token_ids, "stop_token_ids")
         # SamplingParamsError propagates to its handler: a 400 naming the parameter.
         return SamplingParams(
             n=req.n,
@@ -162,10 +166,10 @@ class OpenAIServing(ABC):
     # ---- one request, from checks to the last byte ---------------------------------------------
 
     async def create(self, req, raw: Request):
-        self.check_request(req)
+        model = self.check_request(req)
         self.check_supported(req)
         # Off the event loop: tokenizing a long prompt must not stall other streams.
-        job = await asyncio.to_thread(self.prepare, req)
+        job = await asyncio.to_thread(self.prepare, model, req)
         request_id = new_id(self.id_prefix)
         ticket = self.state.admit()
         timing = {"start": time.monotonic()}
@@ -184,8 +188,8 @@ class OpenAIServing(ABC):
         finish: list[str | None] = [None] * job.num_choices
         tally = UsageTally()
         try:
-            async for p, out in self.generate(job.prompts, job.params, request_id, raw):
-                self.observe(out, timing, time.monotonic())
+            async for p, out in self.generate(job, request_id, raw):
+                self.observe(job.model.id, out, timing, time.monotonic())
                 tally.add(out)
                 c = job.choice(p, out.index)
                 texts[c] += out.text
@@ -201,9 +205,10 @@ class OpenAIServing(ABC):
             raise
         self.done("ok", timing)
         k = req.num_logprobs
-        choices = [self.choice(c, texts[c], None if k is None else self.logprobs(entries[c], k, 0),
+        choices = [self.choice(c, texts[c],
+                               None if k is None else self.logprobs(job, entries[c], k, 0),
                                finish[c]) for c in range(job.num_choices)]
-        body = self.response(request_id, choices, tally.usage(self.settings.price))
+        body = self.response(job, request_id, choices, tally.usage(job.model.entry.price))
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _stream(self, req, job: Job, request_id: str, raw: Request,
@@ -217,25 +222,26 @@ class OpenAIServing(ABC):
         tally = UsageTally()
 
         def event(choices: list, usage: Usage | None = None) -> bytes:
-            return sse.event(self.chunk(request_id, created, choices, usage), exclude=exclude)
+            return sse.event(self.chunk(job, request_id, created, choices, usage),
+                             exclude=exclude)
 
         outcome = "error"
         try:
             for opening in self.opening_choices(job.num_choices):
                 yield event([opening])
-            async for p, out in self.generate(job.prompts, job.params, request_id, raw):
-                self.observe(out, timing, time.monotonic())
+            async for p, out in self.generate(job, request_id, raw):
+                self.observe(job.model.id, out, timing, time.monotonic())
                 tally.add(out)
                 c = job.choice(p, out.index)
                 text, pending[c] = pending[c] + out.text, ""
                 if text or out.logprobs:
-                    lp = None if k is None else self.logprobs(out.logprobs, k, offsets[c])
+                    lp = None if k is None else self.logprobs(job, out.logprobs, k, offsets[c])
                     offsets[c] += len(text)
                     yield event([self.delta_choice(c, text, lp, None)])
                 if out.finished:
                     yield event([self.delta_choice(c, None, None, self.finish_reason(out))])
             if req.include_usage:
-                yield event([], usage=tally.usage(self.settings.price))
+                yield event([], usage=tally.usage(job.model.entry.price))
             outcome = "ok"
         except (ClientDisconnected, asyncio.CancelledError, GeneratorExit) as exc:
             outcome = "disconnected"
@@ -252,11 +258,12 @@ class OpenAIServing(ABC):
         """400 for what this endpoint accepts in its schema but does not serve yet."""
 
     @abstractmethod
-    def prepare(self, req) -> Job:
-        """Prompts and SamplingParams, all checks done (runs in a worker thread)."""
+    def prepare(self, model: ServedModel, req) -> Job:
+        """Prompts and SamplingParams for `model`, all checks done (runs in a worker thread)."""
 
     @abstractmethod
-    def logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> BaseModel:
+    def logprobs(self, job: Job, entries: list[TokenLogprobs], k: int,
+                 offset: int) -> BaseModel:
         """The logprobs object of `entries`, with `k` top alternatives; `offset` is the character
         position of the first entry's text in its choice."""
 
@@ -266,7 +273,7 @@ class OpenAIServing(ABC):
         """One finished choice of a full response."""
 
     @abstractmethod
-    def response(self, request_id: str, choices: list, usage: Usage) -> BaseModel:
+    def response(self, job: Job, request_id: str, choices: list, usage: Usage) -> BaseModel:
         """The whole non-streamed response."""
 
     def opening_choices(self, num_choices: int) -> list:
@@ -279,24 +286,27 @@ class OpenAIServing(ABC):
         """A streamed choice: new `text`, or the finish (`text` None, `finish_reason` set)."""
 
     @abstractmethod
-    def chunk(self, request_id: str, created: int, choices: list,
+    def chunk(self, job: Job, request_id: str, created: int, choices: list,
               usage: Usage | None) -> BaseModel:
         """One streamed chunk holding `choices` (none, with the final usage)."""
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+    def generate(self, job: Job, request_id: str,
                  raw: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt number, output) for every output of every prompt (engine ids `request_id`, or
-        `request_id-<p>` for several prompts), guarded against hang-ups and the deadline."""
+        """(prompt number, output) for every output of every prompt of the job, from its model's
+        engine (engine ids `request_id`, or `request_id-<p>` for several prompts), guarded against
+        hang-ups and the deadline."""
+        prompts, engine = job.prompts, job.model.engine
         ids = [request_id] if len(prompts) == 1 else \
             [f"{request_id}-{p}" for p in range(len(prompts))]
-        gens = [_tagged(p, self.engine.generate(prompts[p], params, ids[p]))
+        gens = [_tagged(p, engine.generate(prompts[p], job.params, ids[p]))
                 for p in range(len(prompts))]
         return guarded(merge(gens), raw, self.settings.request_timeout_s)
 
-    def observe(self, out: RequestOutput, timing: dict, now: float) -> None:
-        """Feed metrics: TTFT on the request's first token, ITL between a choice's outputs."""
+    def observe(self, model_id: str, out: RequestOutput, timing: dict, now: float) -> None:
+        """Feed metrics: TTFT on the request's first token, ITL between a choice's outputs, and
+        `model_id`'s token counters."""
         key = (out.request_id, out.index)
         if out.new_token_ids:
             last = timing.get(key)
@@ -306,10 +316,10 @@ class OpenAIServing(ABC):
             elif last is not None:
                 self.metrics.itl.observe(now - last)
             timing[key] = now
-            self.metrics.generation_tokens.inc(len(out.new_token_ids))
+            self.metrics.generation_tokens.labels(model_id).inc(len(out.new_token_ids))
         if out.finished and out.index == 0:
-            self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
-            self.metrics.cached_tokens.inc(out.num_cached_tokens)
+            self.metrics.prompt_tokens.labels(model_id).inc(out.num_prompt_tokens)
+            self.metrics.cached_tokens.labels(model_id).inc(out.num_cached_tokens)
 
     def finish_reason(self, out: RequestOutput) -> str:
         if out.finish_reason == "abort":
@@ -322,15 +332,6 @@ class OpenAIServing(ABC):
         self.metrics.requests.labels(self.endpoint, outcome).inc()
         if outcome == "ok":
             self.metrics.e2e.observe(time.monotonic() - timing["start"])
-
-    # ---- text of tokens -------------------------------------------------------------------
-
-    def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._token_text[token_id] = text
-        return text
 
 
 async def _tagged(tag: int, outputs: AsyncIterator[RequestOutput]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from tokenmill.engine.outputs import TokenLogprobs
+from tokenmill.catalog.templates import TemplateError
 from tokenmill.prompts import render_chat
 from tokenmill.server.errors import invalid_request, not_supported
+from tokenmill.server.models import ServedModel
 from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                        ChatCompletionChunk, ChatCompletionRequest,
                                        ChatCompletionResponse, ChoiceLogprobs, OtherPart,
@@ -31,23 +33,29 @@ class ChatServing(OpenAIServing):
                         raise not_supported(f"messages.{i}.content.{j}.type",
                                             f"content part type {part.type!r}")
 
-    def prepare(self, req: ChatCompletionRequest) -> Job:
-        prompt = self.render(req)
-        params = self.sampling_params(req, len(prompt), "messages")
-        self.check_prompts([prompt], params, "messages")
-        return Job(prompts=[prompt], params=params, echo=[""])
+    def prepare(self, model: ServedModel, req: ChatCompletionRequest) -> Job:
+        prompt = self.render(model, req)
+        params = self.sampling_params(model, req, len(prompt), "messages")
+        self.check_prompts(model, [prompt], params, "messages")
+        return Job(model=model, prompts=[prompt], params=params, echo=[""])
 
-    def render(self, req: ChatCompletionRequest) -> list[int]:
+    @staticmethod
+    def render(model: ServedModel, req: ChatCompletionRequest) -> list[int]:
+        if model.chat_template is None:
+            raise invalid_request(f"The model `{model.id}` has no chat template; use "
+                                  "/v1/completions with a raw prompt.", "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            return render_chat(self.tokenizer, messages)
-        except Exception as exc:  # the template refused this conversation (jinja raise_exception)
-            raise invalid_request(f"The chat template rejected the messages: {exc}", "messages")
+            return render_chat(model.chat_template, model.tokenizer, messages)
+        except TemplateError as exc:  # the template refused this conversation
+            raise invalid_request(f"The chat template rejected the messages: {exc}",
+                                  "messages") from None
 
-    def logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> ChoiceLogprobs:
+    def logprobs(self, job: Job, entries: list[TokenLogprobs], k: int,
+                 offset: int) -> ChoiceLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
-            text = self.token_text(token_id)
+            text = job.model.token_text(token_id)
             return TopLogprob(token=text, logprob=clean_logprob(logprob),
                               bytes=list(text.encode("utf-8")))
 
@@ -63,10 +71,10 @@ class ChatServing(OpenAIServing):
         return ChatChoice(index=index, message=AssistantMessage(content=text), logprobs=logprobs,
                           finish_reason=finish_reason)
 
-    def response(self, request_id: str, choices: list[ChatChoice],
+    def response(self, job: Job, request_id: str, choices: list[ChatChoice],
                  usage: Usage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=request_id, model=self.settings.model_id, choices=choices,
-                                      usage=usage, system_fingerprint=self.settings.fingerprint)
+        return ChatCompletionResponse(id=request_id, model=job.model.id, choices=choices,
+                                      usage=usage, system_fingerprint=job.model.fingerprint)
 
     def opening_choices(self, num_choices: int) -> list[ChatChunkChoice]:
         return [ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})
@@ -78,8 +86,8 @@ class ChatServing(OpenAIServing):
         return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
                                finish_reason=finish_reason)
 
-    def chunk(self, request_id: str, created: int, choices: list[ChatChunkChoice],
+    def chunk(self, job: Job, request_id: str, created: int, choices: list[ChatChunkChoice],
               usage: Usage | None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=created, model=self.settings.model_id,
-                                   system_fingerprint=self.settings.fingerprint, choices=choices,
+        return ChatCompletionChunk(id=request_id, created=created, model=job.model.id,
+                                   system_fingerprint=job.model.fingerprint, choices=choices,
                                    usage=usage)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tokenmill.engine.outputs import TokenLogprobs
 from tokenmill.prompts import encode_prompt
 from tokenmill.server.errors import not_supported
+from tokenmill.server.models import ServedModel
 from tokenmill.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                                        CompletionRequest, CompletionResponse, Usage)
 from tokenmill.server.serving import Job, OpenAIServing, clean_logprob
@@ -25,31 +26,33 @@ class CompletionServing(OpenAIServing):
         if req.echo and req.logprobs is not None:
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
 
-    def prepare(self, req: CompletionRequest) -> Job:
+    def prepare(self, model: ServedModel, req: CompletionRequest) -> Job:
         """Token ids of each prompt, checked; with `echo`, the client's own string before its
         choices (or the decoded ids of a token-id prompt)."""
         p = req.prompt
         texts = None
         if isinstance(p, str) or isinstance(p[0], str):
             texts = [p] if isinstance(p, str) else list(p)
-            prompts = [encode_prompt(self.tokenizer, text) for text in texts]
+            prompts = [encode_prompt(model.tokenizer, text) for text in texts]
         else:
             prompts = [list(p)] if isinstance(p[0], int) else [list(ids) for ids in p]
-        params = self.sampling_params(req, max(len(ids) for ids in prompts), "prompt")
-        self.check_prompts(prompts, params, "prompt")
+        params = self.sampling_params(model, req, max(len(ids) for ids in prompts), "prompt")
+        self.check_prompts(model, prompts, params, "prompt")
         if not req.echo:
-            return Job(prompts=prompts, params=params, echo=[""] * len(prompts))
+            return Job(model=model, prompts=prompts, params=params, echo=[""] * len(prompts))
         if texts is None:  # ids are in the vocabulary by now
-            texts = [self.tokenizer.decode(ids) for ids in prompts]
-        return Job(prompts=prompts, params=params, echo=texts)
+            texts = [model.tokenizer.decode(ids) for ids in prompts]
+        return Job(model=model, prompts=prompts, params=params, echo=texts)
 
-    def logprobs(self, entries: list[TokenLogprobs], k: int, offset: int) -> CompletionLogprobs:
+    def logprobs(self, job: Job, entries: list[TokenLogprobs], k: int,
+                 offset: int) -> CompletionLogprobs:
         tokens, token_logprobs, top, offsets = [], [], [], []
+        token_text = job.model.token_text
         for e in entries:
-            text = self.token_text(e.token_id)
+            text = token_text(e.token_id)
             tokens.append(text)
             token_logprobs.append(clean_logprob(e.logprob))
-            top.append({self.token_text(i): clean_logprob(lp) for i, lp in e.top[:k]})
+            top.append({token_text(i): clean_logprob(lp) for i, lp in e.top[:k]})
             offsets.append(offset)
             offset += len(text)
         return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top,
@@ -60,17 +63,17 @@ class CompletionServing(OpenAIServing):
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
                                 finish_reason=finish_reason)
 
-    def response(self, request_id: str, choices: list[CompletionChoice],
+    def response(self, job: Job, request_id: str, choices: list[CompletionChoice],
                  usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=request_id, model=self.settings.model_id, choices=choices,
-                                  usage=usage, system_fingerprint=self.settings.fingerprint)
+        return CompletionResponse(id=request_id, model=job.model.id, choices=choices,
+                                  usage=usage, system_fingerprint=job.model.fingerprint)
 
     def delta_choice(self, index: int, text: str | None, logprobs: CompletionLogprobs | None,
                      finish_reason: str | None) -> CompletionChoice:
         return self.choice(index, text or "", logprobs, finish_reason)
 
-    def chunk(self, request_id: str, created: int, choices: list[CompletionChoice],
+    def chunk(self, job: Job, request_id: str, created: int, choices: list[CompletionChoice],
               usage: Usage | None) -> CompletionChunk:
-        return CompletionChunk(id=request_id, created=created, model=self.settings.model_id,
-                               system_fingerprint=self.settings.fingerprint, choices=choices,
+        return CompletionChunk(id=request_id, created=created, model=job.model.id,
+                               system_fingerprint=job.model.fingerprint, choices=choices,
                                usage=usage)

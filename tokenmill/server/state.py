@@ -9,13 +9,10 @@ from dataclasses import dataclass, field
 
 from tokenmill.server.auth import KeyStore
 from tokenmill.server.errors import unavailable
-from tokenmill.server.pricing import Price
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model_id: str  # the id clients send in `model`, listed by /v1/models
-    price: Price  # USD per 1M tokens, for usage.estimated_cost and /v1/models
     key_store: KeyStore | None  # None: auth disabled (--no-auth)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
@@ -23,7 +20,6 @@ class ServerSettings:
     max_pending_requests: int = 512  # generation requests in flight before new ones get a 503
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     default_max_tokens: int = 512  # when the client sets none (clamped to what fits)
-    fingerprint: str = "tokenmill"  # system_fingerprint: changes when the model or code does
 
 
 class ServerState:

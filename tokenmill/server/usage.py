@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.catalog.pricing import Price, pico_to_usd
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.server.pricing import Price
 from tokenmill.server.protocol import PromptTokensDetails, Usage
 
 
@@ -14,7 +14,9 @@ class UsageTally:
     """Counts over every engine request of one HTTP request (one per prompt of a list).
 
     Invariant: each entry holds the latest output's cumulative count, so feeding every output,
-    in any interleaving of requests and choices, gives the final totals."""
+    in any interleaving of requests and choices, gives the final totals. A prompt's cached tokens
+    are its first choice's: the other choices of an n > 1 request reuse the blocks that choice
+    computed, which is no cache hit of the request's own."""
 
     prompt: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt tokens
     cached: dict[str, int] = field(default_factory=dict)  # engine request id -> cached tokens
@@ -22,12 +24,18 @@ class UsageTally:
 
     def add(self, out: RequestOutput) -> None:
         self.prompt[out.request_id] = out.num_prompt_tokens
-        self.cached[out.request_id] = out.num_cached_tokens
+        if out.index == 0:
+            self.cached[out.request_id] = out.num_cached_tokens
         self.output[(out.request_id, out.index)] = out.num_output_tokens
+
+    def cost_pico(self, price: Price) -> int:
+        """The exact cost in picodollars (1e-12 USD)."""
+        return price.cost_pico(sum(self.prompt.values()), sum(self.cached.values()),
+                               sum(self.output.values()))
 
     def usage(self, price: Price) -> Usage:
         prompt, completion = sum(self.prompt.values()), sum(self.output.values())
         cached = PromptTokensDetails(cached_tokens=sum(self.cached.values()))
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion, prompt_tokens_details=cached,
-                     estimated_cost=round(price.cost(prompt, completion), 12))
+                     estimated_cost=pico_to_usd(self.cost_pico(price)))
