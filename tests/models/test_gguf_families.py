@@ -15,7 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from test_families import TEXTS, TOL, reference, save_variant  # tests/models is on sys.path
-from test_llama import new_cache, run
+from test_llama import greedy_through_cache, new_cache, run
 from tiny_models import tiny_config
 
 from tokenmill.models.loader import load_model
@@ -346,16 +346,9 @@ def test_real_qwen2_gguf_from_pypi_greedy_equals_transformers():
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                dtype=torch.float32,
                                                attn_implementation="eager").eval()
-    cache = new_cache(m.config, num_blocks=64)
-    table = list(range(63, 0, -1))
-    logits = run(m.model, cache, [(ids, 0, table)])
+    logits, ours = greedy_through_cache(m, ids, 20)
     with torch.inference_mode():
         torch.testing.assert_close(logits, ref(torch.tensor([ids])).logits[0], **TOL)
-    ours, seq = [], list(ids)
-    for _ in range(20):  # greedy decode through the cache
-        ours.append(int(logits[-1].argmax()))
-        seq.append(ours[-1])
-        logits = run(m.model, cache, [(seq[-1:], len(seq) - 1, table)])
     with torch.inference_mode():
         expected = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

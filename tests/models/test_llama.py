@@ -95,17 +95,23 @@ def test_default_model_logits_and_greedy_equal_transformers(loaded_default_model
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    cache = new_cache(m.config, num_blocks=64)
-    table = list(range(63, 0, -1))  # blocks in reverse order
-    logits = run(m.model, cache, [(ids, 0, table)])
-    torch.testing.assert_close(logits, hf_logits(hf_default, ids), rtol=1e-4, atol=1e-4)
-
-    ours, seq = [], list(ids)
-    for _ in range(20):  # greedy decode through the cache
-        ours.append(int(logits[-1].argmax()))
-        seq.append(ours[-1])
-        logits = run(m.model, cache, [(seq[-1:], len(seq) - 1, table)])
+    prompt_logits, ours = greedy_through_cache(m, ids, 20)
+    torch.testing.assert_close(prompt_logits, hf_logits(hf_default, ids), rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
         ref = hf_default.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     assert ours == ref
+
+
+def greedy_through_cache(loaded, ids: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
+    """The prompt's logits [T, V] and `n` greedy tokens, one decode step at a time over a paged
+    cache whose blocks are numbered in reverse."""
+    cache = new_cache(loaded.config, num_blocks=64)
+    table = list(range(63, 0, -1))
+    logits = prompt_logits = run(loaded.model, cache, [(ids, 0, table)])
+    ours, seq = [], list(ids)
+    for _ in range(n):
+        ours.append(int(logits[-1].argmax()))
+        seq.append(ours[-1])
+        logits = run(loaded.model, cache, [(seq[-1:], len(seq) - 1, table)])
+    return prompt_logits, ours

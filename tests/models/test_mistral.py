@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tiny_models import MAX_POSITIONS, SLIDING_WINDOW
+from test_families import hf_logits  # transformers chunk by chunk over its own cache
 from tokenmill.engine.block_manager import NULL_BLOCK
 from tokenmill.llm import LLM
 from tokenmill.models.loader import load_model
@@ -73,22 +74,6 @@ def run(model, cache, rows, window=SLIDING_WINDOW):
                                         sliding_window=window)
     hidden = model(torch.tensor(ids), torch.tensor(pos), attn, cache)
     return model.compute_logits(hidden)  # float32 whatever the model's dtype
-
-
-def hf_logits(ref, ids, chunks=None):
-    """transformers' logits [T, V] of `ids`, computed chunk by chunk over its own (sliding)
-    KV cache when `chunks` (ends of chunks) are given, as our steps compute them: the float32
-    rounding of these checkpoints is itself ~5e-4 (against float64), so only the same order of
-    work compares closely."""
-    from transformers import DynamicCache
-
-    cache, start, rows = DynamicCache(config=ref.config), 0, []
-    with torch.inference_mode():
-        for end in chunks or [len(ids)]:
-            out = ref(torch.tensor([ids[start:end]]), cache=cache, use_cache=True)
-            rows.append(out.logits[0].float())
-            start = end
-    return torch.cat(rows)
 
 
 def test_registry_builds_the_mistral_class(tiny):
