@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
+    serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                       help="token budget of one engine step (decodes + prefill chunks)", **opt)
     serve.add_argument("--max-body-bytes", type=int, **opt)
     serve.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
                        help="server-side deadline of one request, seconds", **opt)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- serve --------------------------------------------------------------------------------------
 
-ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs")
+ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_requests", "drain_timeout_s")
 DEFAULT_KV_CACHE_GIB = 1.0  # per model, when --kv-cache-gib is not given
 

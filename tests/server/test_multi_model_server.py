@@ -50,7 +50,8 @@ def catalog_file(tmp_path_factory, tiny_checkpoint):
 def multi_server(tmp_path_factory, catalog_file):
     home = tmp_path_factory.mktemp("tokenmill_home_multi")
     args = ["--catalog", str(catalog_file), "--dtype", "float32", "--no-auth",
-            "--kv-cache-gib", "0.3", "--max-model-len", "256", "--drain-timeout", "5"]
+            "--kv-cache-gib", "0.3", "--max-model-len", "256", "--drain-timeout", "5",
+            "--max-num-batched-tokens", "16"]  # prompts of ~30 tokens prefill in chunks
     for family in FAMILIES:
         args += ["--model", model_id(family)]
     running = start_server(home, args)
@@ -79,6 +80,8 @@ def expected(tiny_checkpoint, real_tokenizer):
 
 def test_every_family_answers_by_id_with_transformers_greedy_tokens_at_its_own_price(
         multi_server, expected, real_tokenizer):
+    """Every family at once, two prompts each, prefilled in chunks among the others' decodes;
+    then again, when the prompts' full blocks come from the prefix cache."""
     async def one(client, family, prompt_no):
         ids, _ = expected[family][prompt_no]
         body = {"model": model_id(family), "prompt": ids, "max_tokens": NEW_TOKENS,
@@ -92,8 +95,13 @@ def test_every_family_answers_by_id_with_transformers_greedy_tokens_at_its_own_p
             return await asyncio.gather(*(one(client, f, p) for f in FAMILIES
                                           for p in range(len(TEXTS))))
 
-    for family, prompt_no, body in asyncio.run(all_at_once()):
+    first, again = asyncio.run(all_at_once()), asyncio.run(all_at_once())
+    for (family, prompt_no, body), (_, _, repeat) in zip(first, again):
         ids, want = expected[family][prompt_no]
+        tokens = body["choices"][0]["logprobs"]["tokens"]
+        assert repeat["choices"][0]["logprobs"]["tokens"] == tokens
+        cached = repeat["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == (len(ids) - 1) // 16 * 16 > 0  # whole blocks, the last token recomputed
         assert body["model"] == model_id(family)
         choice = body["choices"][0]
         # logprobs carries each generated token's text: the tokens transformers chose
