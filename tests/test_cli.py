@@ -161,3 +161,33 @@ def test_models_without_a_server_or_without_the_key_says_so(home, fake_server, c
     fake_server.server_close()
     assert main(["models", "--url", fake_server.url]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"SERVED: no server at {fake_server.url}"
+
+
+def test_the_admin_key_goes_only_to_a_server_on_this_machine(home, monkeypatch):
+    import urllib.request
+
+    from tokenmill.cli import served_models
+
+    (home / "admin.key").write_text("sk-tm-admin\n")
+    sent = []
+
+    def urlopen(request, timeout):  # records what would be sent; nothing leaves the machine
+        sent.append((request.full_url, request.get_header("Authorization")))
+        raise OSError("not connecting")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    for url in ("http://127.0.0.1:8000", "http://localhost:9", "http://models.example:8000"):
+        assert served_models(url) == (url, None, f"no server at {url}")
+    assert sent == [("http://127.0.0.1:8000/v1/models", "Bearer sk-tm-admin"),
+                    ("http://localhost:9/v1/models", "Bearer sk-tm-admin"),
+                    ("http://models.example:8000/v1/models", None)]
+
+
+@pytest.mark.parametrize("catalog_context, asked, served", [
+    (131072, None, 131072), (131072, 4096, 4096), (8192, 65536, 8192), (0, None, None),
+    (0, 512, 512)])
+def test_the_served_context_is_what_was_asked_never_more_than_the_catalog_sells(
+        catalog_context, asked, served):
+    from tokenmill.cli import served_context
+
+    assert served_context(catalog_context, asked) == served

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from decimal import Decimal
 from pathlib import Path
@@ -178,17 +179,28 @@ def load_models(resolved: list, shares: list[float], args) -> list:
 
     served = []
     for model, share in zip(resolved, shares):
-        config = EngineConfig(model=str(model.path), kv_cache_gib=share,
-                              **_given(args, ENGINE_OPTIONS))
+        options = _given(args, ENGINE_OPTIONS)
+        options["max_model_len"] = served_context(model.entry.context_length,
+                                                  options.get("max_model_len"))
+        config = EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
         try:
             engine = AsyncLLM.from_config(config)
-        except ValueError as exc:  # a configuration the model cannot take
-            raise UsageError(f"cannot load {model.id} from {model.path}: {exc}") from None
+            served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
+                                      fingerprint=fingerprint(model.path, config.dtype)))
+        except (ValueError, NotImplementedError, OSError) as exc:
+            # a configuration or architecture the engine cannot take, unreadable files, a chat
+            # template that does not compile; the engines already built run on daemon threads
+            raise UsageError(f"cannot serve {model.id} from {model.path}: {exc}") from None
         log.info("loaded %s from %s (context %d, KV cache %.2f GiB)", model.id, model.path,
                  engine.max_model_len, share)
-        served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
-                                  fingerprint=fingerprint(model.path, config.dtype)))
     return served
+
+
+def served_context(catalog_context: int, asked: int | None) -> int | None:
+    """The context to serve: what was asked (--max-model-len), never more than the catalog sells;
+    None leaves it to the model's own. The engine also caps it at the model's positions."""
+    limits = [n for n in (catalog_context, asked) if n]
+    return min(limits) if limits else None
 
 
 def serve_command(args) -> int:
@@ -290,8 +302,10 @@ def served_models(url: str) -> tuple[str, list[str] | None, str | None]:
     from tokenmill.models.default import tokenmill_home
 
     key_file = tokenmill_home() / "admin.key"
+    # The admin key goes only to a server on this machine, never to a URL elsewhere.
+    local = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
     headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"} \
-        if key_file.is_file() else {}
+        if local and key_file.is_file() else {}
     request = urllib.request.Request(url.rstrip("/") + "/v1/models", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=3) as response:

@@ -77,7 +77,7 @@ def test_token_counts_are_checked():
 
 # ---- the shipped catalog ------------------------------------------------------------------------
 
-def test_shipped_catalog_has_the_seed_models_at_the_pages_figures(home):
+def test_shipped_catalog_entries_ids_families_templates_contexts_prices_and_sources(home):
     catalog = load_catalog()
     rows = [(e.id, e.family, e.template, e.context_length, e.price, e.source.repo)
             for e in catalog]
@@ -277,8 +277,8 @@ def test_resolve_an_ad_hoc_gguf_and_refuse_what_is_not_a_model(home, tmp_path,
                                            r"\.gguf file$"):
         load_catalog().resolve(str(tmp_path / "notes.txt"))
     (tmp_path / "fake.gguf").write_bytes(b"GGML" + bytes(20))
-    with pytest.raises(CatalogError, match=r"^cannot read .*fake.gguf as a checkpoint: not a GGUF "
-                                           r"file \(version 2 or later\)$"):
+    with pytest.raises(CatalogError, match=r"^cannot read .*fake.gguf as a checkpoint: .*"
+                                           r"fake.gguf: not a GGUF file$"):
         load_catalog().resolve(str(tmp_path / "fake.gguf"))
     with pytest.raises(CatalogError, match=r"^unknown model 'org/nothing': not a catalog id \(see "
                                            r"`tokenmill models`\) nor a checkpoint directory or "

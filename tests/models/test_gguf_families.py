@@ -19,7 +19,7 @@ from test_llama import greedy_through_cache, new_cache, run
 from tiny_models import tiny_config
 
 from tokenmill.models.loader import load_model
-from tokenmill.models.pypi_gguf import QWEN2_5_CODER_0_5B, pypi_gguf_path
+from pypi_gguf import QWEN2_5_CODER_0_5B, pypi_gguf_path  # tests/models is on sys.path
 
 CPU = torch.device("cpu")
 # Every type real GGUF releases use: the Q4_K_M / Q5_K_M / Q6_K mixes, the legacy quants, F16/BF16.

@@ -16,8 +16,9 @@ from server_live import start_server, stop_server
 FAMILY_OF = {"llama": "llama", "llama3": "llama", "mistral": "mistral", "qwen2": "qwen2",
              "qwen2_tied": "qwen2", "mixtral": "mixtral"}
 FAMILIES = tuple(FAMILY_OF)
-# micro-USD per 1M tokens, distinct per model: (input, output)
-PRICES = {family: (10_000 * (i + 1), 30_000 * (i + 1)) for i, family in enumerate(FAMILIES)}
+# micro-USD per 1M tokens, distinct per model: (input, cached input, output)
+PRICES = {family: (10_000 * (i + 1), 1_000 * (i + 1), 30_000 * (i + 1))
+          for i, family in enumerate(FAMILIES)}
 NEW_TOKENS = 24
 # Prompts longer than the tiny Mistral's window of 16 and than llama3's original 64 positions
 # once generation is done.
@@ -32,13 +33,14 @@ def model_id(family: str) -> str:
 
 @pytest.fixture(scope="module")
 def catalog_file(tmp_path_factory, tiny_checkpoint):
-    """A catalog whose entries point at the tiny checkpoints (the server serves them under these
-    ids, at these prices)."""
+    """A catalog whose entries point at the tiny checkpoints: served by directory (`--model DIR`),
+    each is known by its entry's id and priced at its entry's price."""
     entries = [{"id": model_id(f), "name": f"Tiny {f}", "summary": "s", "card": "c",
                 "family": FAMILY_OF[f],
                 "template": "chatml", "context_length": 512,
                 "price": {"input": f"{PRICES[f][0] / 1e6:.6f}",
-                          "output": f"{PRICES[f][1] / 1e6:.6f}"},
+                          "cached_input": f"{PRICES[f][1] / 1e6:.6f}",
+                          "output": f"{PRICES[f][2] / 1e6:.6f}"},
                 "source": {"path": str(tiny_checkpoint(f))}, "hardware": "any"}
                for f in FAMILIES]
     path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
@@ -47,13 +49,13 @@ def catalog_file(tmp_path_factory, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def multi_server(tmp_path_factory, catalog_file):
+def multi_server(tmp_path_factory, catalog_file, tiny_checkpoint):
     home = tmp_path_factory.mktemp("tokenmill_home_multi")
     args = ["--catalog", str(catalog_file), "--dtype", "float32", "--no-auth",
             "--kv-cache-gib", "0.3", "--max-model-len", "256", "--drain-timeout", "5",
             "--max-num-batched-tokens", "16"]  # prompts of ~30 tokens prefill in chunks
     for family in FAMILIES:
-        args += ["--model", model_id(family)]
+        args += ["--model", str(tiny_checkpoint(family))]
     running = start_server(home, args)
     yield running
     stop_server(running)
@@ -102,6 +104,9 @@ def test_every_family_answers_by_id_with_transformers_greedy_tokens_at_its_own_p
         assert repeat["choices"][0]["logprobs"]["tokens"] == tokens
         cached = repeat["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert cached == (len(ids) - 1) // 16 * 16 > 0  # whole blocks, the last token recomputed
+        price_in, price_cached, price_out = PRICES[family]
+        assert repeat["usage"]["estimated_cost"] == (
+            (len(ids) - cached) * price_in + cached * price_cached + NEW_TOKENS * price_out) / 1e12
         assert body["model"] == model_id(family)
         choice = body["choices"][0]
         # logprobs carries each generated token's text: the tokens transformers chose
@@ -110,14 +115,14 @@ def test_every_family_answers_by_id_with_transformers_greedy_tokens_at_its_own_p
         assert choice["finish_reason"] == "length"
         usage = body["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(ids), NEW_TOKENS)
-        price_in, price_out = PRICES[family]
         assert usage["estimated_cost"] == (len(ids) * price_in + NEW_TOKENS * price_out) / 1e12
 
 
 def test_models_lists_every_served_model_with_its_price(multi_server):
     data = httpx.get(multi_server.v1 + "/models").json()["data"]
     assert [(m["id"], m["pricing"]) for m in data] == [
-        (model_id(f), {"input": PRICES[f][0] / 1e6, "output": PRICES[f][1] / 1e6})
+        (model_id(f), {"input": PRICES[f][0] / 1e6, "output": PRICES[f][2] / 1e6,
+                       "cached_input": PRICES[f][1] / 1e6})
         for f in FAMILIES]
     assert {m["context_length"] for m in data} == {256}
 

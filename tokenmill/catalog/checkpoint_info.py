@@ -13,7 +13,9 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+
+from tokenmill.models.gguf_file import read_gguf
+from tokenmill.models.hf_loader import safetensors_files
 
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral")  # the architectures tokenmill serves
 UNKNOWN = "unknown"
@@ -39,7 +41,7 @@ def _directory_info(path: Path) -> CheckpointInfo:
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type", "")
     num_parameters = 0
-    for shard in path.glob("*.safetensors"):
+    for shard in safetensors_files(path):  # the index's shards: not consolidated.safetensors
         with open(shard, "rb") as f:
             # A safetensors file opens with the byte length of its JSON header, then the header:
             # {tensor name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}.
@@ -52,64 +54,11 @@ def _directory_info(path: Path) -> CheckpointInfo:
 
 
 def _gguf_info(path: Path) -> CheckpointInfo:
-    fields, num_parameters = read_gguf_header(path)
+    gguf = read_gguf(path)  # the header only: tensor data stays unread in the map
+    fields = gguf.metadata
     arch = fields.get("general.architecture", "")
     # llama.cpp writes Mistral as "llama", and Mixtral as "llama" with experts.
     family = "mixtral" if arch == "llama" and fields.get("llama.expert_count", 0) else arch
     return CheckpointInfo(family if family in FAMILIES else UNKNOWN,
-                          int(fields.get(f"{arch}.context_length", 0)), num_parameters)
-
-
-# GGUF value types (the gguf spec's GGUFValueType): scalar struct formats, a string, an array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_header(path: Path) -> tuple[dict, int]:
-    """(scalar and string metadata by key, total elements of all tensors) of a GGUF file; arrays
-    (the tokenizer's vocabulary and merges) are skipped, not decoded."""
-    with open(path, "rb") as f:
-        magic, version, num_tensors, num_fields = struct.unpack("<4sIQQ", f.read(24))
-        if magic != b"GGUF" or version < 2:
-            raise ValueError("not a GGUF file (version 2 or later)")
-        fields = {}
-        for _ in range(num_fields):
-            key = _read_string(f)
-            (value_type,) = struct.unpack("<I", f.read(4))
-            if value_type == _ARRAY:
-                _skip_array(f)
-            else:
-                fields[key] = _read_value(f, value_type)
-        num_parameters = 0
-        for _ in range(num_tensors):  # name, n_dims, dims, ggml type, data offset
-            _read_string(f)
-            (n_dims,) = struct.unpack("<I", f.read(4))
-            num_parameters += math.prod(struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims)))
-            f.seek(12, 1)
-    return fields, num_parameters
-
-
-def _read_string(f: BinaryIO) -> str:
-    (size,) = struct.unpack("<Q", f.read(8))
-    return f.read(size).decode("utf-8", errors="replace")
-
-
-def _read_value(f: BinaryIO, value_type: int):
-    if value_type == _STRING:
-        return _read_string(f)
-    fmt = _SCALARS[value_type]
-    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
-def _skip_array(f: BinaryIO) -> None:
-    item_type, count = struct.unpack("<IQ", f.read(12))
-    if item_type in _SCALARS:
-        f.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
-        return
-    for _ in range(count):
-        if item_type == _STRING:
-            (size,) = struct.unpack("<Q", f.read(8))
-            f.seek(size, 1)
-        else:
-            _skip_array(f)
+                          int(fields.get(f"{arch}.context_length", 0)),
+                          sum(math.prod(t.shape) for t in gguf.tensors))

@@ -56,8 +56,9 @@ def download_wheel(requirement: str, directory: Path) -> Path:
     """The wheel of `requirement` (e.g. "name==1.2"), downloaded into `directory` without its
     dependencies."""
     target = directory / requirement
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d",
-                    str(target), requirement], check=True)
+    # --only-binary: an sdist's metadata build would run its setup.py; a wheel runs nothing.
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--quiet", "-d", str(target), requirement], check=True)
     (wheel,) = target.glob("*.whl")
     return wheel
 

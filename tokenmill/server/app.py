@@ -46,9 +46,12 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
         yield
         # uvicorn has drained (or cancelled) in-flight requests by now.
         state.draining = True
-        for model in models:
-            await model.engine.shutdown()
-            log.info("engine of %s stopped", model.id)
+        for model in models:  # one engine failing to stop must not keep the others running
+            try:
+                await model.engine.shutdown()
+                log.info("engine of %s stopped", model.id)
+            except Exception:
+                log.exception("engine of %s did not stop cleanly", model.id)
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__,
                   description="OpenAI-compatible inference server", lifespan=lifespan)

