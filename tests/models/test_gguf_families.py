@@ -274,7 +274,7 @@ def test_mixtral_gguf_with_one_tensor_per_expert_loads_exactly(family_checkpoint
         torch.testing.assert_close(w, weights[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("family", ("llama", "qwen2", "qwen2_tied", "mixtral"))
+@pytest.mark.parametrize("family", ("llama", "llama3", "mistral", "qwen2", "qwen2_tied", "mixtral"))
 def test_quantized_gguf_loads_gguf_dequantization(family_checkpoint, real_tokenizer, home,
                                                   tmp_path, family):
     from transformers import AutoModelForCausalLM
