@@ -1,0 +1,1 @@
+"""Alembic migrations of the store, run by `open_store` (`script_location` is set from code)."""
