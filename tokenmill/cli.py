@@ -1,5 +1,5 @@
 """The `tokenmill` command: `serve` models behind an OpenAI-compatible API, `pull` a model from
-the Hugging Face Hub, list the catalog with `models`."""
+the Hugging Face Hub, list the catalog with `models`, manage API keys with `keys`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill import __version__
+from tokenmill.keys_cli import add_keys_parser
 
 log = logging.getLogger("tokenmill")
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16", **opt)
     serve.add_argument("--device", help="auto, cpu or cuda", **opt)
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
+    serve.add_argument("--db", metavar="URL",
+                       help="the platform store (keys, usage): sqlite:///PATH or "
+                            "postgresql://... (default: $TOKENMILL_DB, else "
+                            "$TOKENMILL_HOME/tokenmill.db)")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--catalog", type=Path, metavar="FILE", help="catalog file overriding "
                                                                     "the shipped catalog")
     models.set_defaults(run=models_command)
+
+    add_keys_parser(sub)
 
     args = parser.parse_args(argv)
     return args.run(args)
@@ -209,7 +216,9 @@ def serve_command(args) -> int:
     from tokenmill.catalog.catalog import CatalogError, load_catalog
     from tokenmill.models.default import DEFAULT_MODEL_ID, tokenmill_home
     from tokenmill.server.app import build_app
-    from tokenmill.server.auth import KeyStore, ensure_admin_key
+    from tokenmill.platform.keys import KeyService
+    from tokenmill.platform.store import StoreUnavailable, open_store
+    from tokenmill.server.auth import ensure_admin_key
     from tokenmill.server.state import ServerSettings
 
     try:
@@ -222,13 +231,17 @@ def serve_command(args) -> int:
 
     home = tokenmill_home()
     home.mkdir(parents=True, exist_ok=True)
-    store = None
+    keys = None
     if args.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
                     args.host, args.port)
     else:
-        store = KeyStore(home / "keys.json")
-        key = ensure_admin_key(store, home)
+        try:
+            keys = KeyService(open_store(args.db))
+            key = ensure_admin_key(keys, home)
+        except (StoreUnavailable, ValueError) as exc:
+            print(f"tokenmill serve: {exc}", file=sys.stderr)
+            return 2
         if key is not None:  # the only time the key is shown
             print(f"Created the admin API key (also saved to {home / 'admin.key'}):\n{key}",
                   flush=True)
@@ -238,7 +251,7 @@ def serve_command(args) -> int:
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    settings = ServerSettings(key_store=store, **_given(args, SERVER_OPTIONS))
+    settings = ServerSettings(keys=keys, **_given(args, SERVER_OPTIONS))
     app = build_app(served, settings)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,

@@ -12,7 +12,9 @@ import pytest
 from server_fakes import REPLY, FakeEngine, served
 from tokenmill.catalog.pricing import Price
 from tokenmill.server.app import build_app
-from tokenmill.server.auth import KeyStore, ensure_admin_key
+from tokenmill.platform.keys import KeyService
+from tokenmill.platform.store import open_store
+from tokenmill.server.auth import ensure_admin_key
 from tokenmill.server.state import ServerSettings
 
 MODEL = "fake-model"
@@ -25,7 +27,10 @@ def engine():
 
 @pytest.fixture
 def key_store(tmp_path):
-    return KeyStore(tmp_path / "keys.json")
+    """The platform's keys over a real SQLite store (the store's own tests cover PostgreSQL)."""
+    store = open_store(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+    yield KeyService(store)
+    store.close()
 
 
 @pytest.fixture
@@ -34,7 +39,7 @@ def admin_key(key_store, tmp_path):
 
 
 def make_client(engine, key_store, **overrides):
-    settings = ServerSettings(key_store=key_store, created=1700000000, **overrides)
+    settings = ServerSettings(keys=key_store, created=1700000000, **overrides)
     app = build_app([served(engine, MODEL)], settings)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), app
 
@@ -296,7 +301,7 @@ async def test_models(client, engine):
 
 async def test_two_models_answer_by_id_and_bill_at_their_own_prices(key_store, admin_key):
     cheap, dear = FakeEngine(), FakeEngine(max_model_len=128)
-    settings = ServerSettings(key_store=key_store, created=1700000000)
+    settings = ServerSettings(keys=key_store, created=1700000000)
     app = build_app([served(cheap, "org/cheap", Price(input=20_000, output=40_000)),
                      served(dear, "org/dear", Price(input=390_000, output=650_000,
                                                     cached_input=100_000))], settings)

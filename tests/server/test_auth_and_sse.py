@@ -1,4 +1,5 @@
-"""KeyStore, admin key creation and SSE framing: no engine, no app."""
+"""Bearer auth over the platform's keys, admin key creation and SSE framing: no engine, no
+app."""
 
 from __future__ import annotations
 
@@ -9,53 +10,79 @@ import pytest
 
 from tokenmill.sampling_params import SamplingParamsError
 from tokenmill.server import sse
-from tokenmill.server.auth import (Authenticator, KeyStore, ensure_admin_key, hash_key)
+from tokenmill.platform.keys import KeyService, display_key, hash_key
+from tokenmill.platform.store import open_store
+from tokenmill.server.auth import Authenticator, ensure_admin_key
 from tokenmill.server.errors import APIError
 
 
-def test_admin_key_created_once_hashed_and_private(tmp_path):
-    store = KeyStore(tmp_path / "keys.json")
-    key = ensure_admin_key(store, tmp_path)
+@pytest.fixture
+def keys(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+    yield KeyService(store)
+    store.close()
+
+
+def test_admin_key_created_once_hashed_and_private(tmp_path, keys):
+    key = ensure_admin_key(keys, tmp_path)
     assert key.startswith("sk-tm-") and len(key) > 40
     key_file = tmp_path / "admin.key"
     assert key_file.read_text().strip() == key
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
-    stored = (tmp_path / "keys.json").read_text()
-    assert key not in stored and hash_key(key) in stored
-    assert json.loads(stored)[0]["admin"] is True
+    assert key.encode() not in (tmp_path / "tokenmill.db").read_bytes()  # only its hash
+    assert [(k.name, k.admin) for k in keys.list()] == [("admin", True)]
     # Second start: nothing new is created or printed.
-    assert ensure_admin_key(KeyStore(tmp_path / "keys.json"), tmp_path) is None
+    assert ensure_admin_key(keys, tmp_path) is None
     assert key_file.read_text().strip() == key
 
 
-def test_lookup_and_reload_when_file_changes(tmp_path):
-    store = KeyStore(tmp_path / "keys.json")
-    assert store.lookup("sk-tm-anything") is None
-    k1 = store.add("alice")
-    other_process = KeyStore(tmp_path / "keys.json")
-    assert other_process.lookup(k1).name == "alice"
-    k2 = store.add("bob")  # written by "another process": picked up on the next lookup
-    assert other_process.lookup(k2).name == "bob"
-    assert other_process.lookup(k1 + "x") is None
+def test_a_revoked_admin_key_is_replaced_under_a_new_name(tmp_path, keys):
+    ensure_admin_key(keys, tmp_path)
+    keys.revoke("admin")
+    key = ensure_admin_key(keys, tmp_path)
+    assert keys.authenticate(key).name == "admin-2"
+    assert (tmp_path / "admin.key").read_text().strip() == key
+
+
+def test_keys_json_of_earlier_versions_is_imported_and_its_keys_still_work(tmp_path, keys):
+    old_key = "sk-tm-" + "k" * 43
+    (tmp_path / "keys.json").write_text(json.dumps([
+        {"name": "admin", "key_hash": hash_key(old_key), "display": display_key(old_key),
+         "admin": True, "created": 1700000000}]))
+    assert ensure_admin_key(keys, tmp_path) is None  # the imported admin key is the admin key
+    assert keys.authenticate(old_key).name == "admin"
 
 
 @pytest.mark.parametrize("header",
                          [None, "", "Bearer", "Basic abc", "Bearer sk-tm-nope", "sk-tm-x"])
-def test_authenticator_rejects(tmp_path, header):
-    store = KeyStore(tmp_path / "keys.json")
-    store.add("alice")
+async def test_authenticator_rejects(keys, header):
+    keys.create("alice")
     with pytest.raises(APIError) as info:
-        Authenticator(store)(header)
+        await Authenticator(keys)(header)
     assert info.value.status == 401 and info.value.code == "invalid_api_key"
 
 
-def test_authenticator_accepts_and_no_auth(tmp_path):
-    store = KeyStore(tmp_path / "keys.json")
-    key = store.add("alice")
-    assert Authenticator(store)(f"Bearer {key}").name == "alice"
-    assert Authenticator(store)(f"bearer   {key}").name == "alice"
-    assert Authenticator(None)(None) is None
+async def test_authenticator_accepts_refuses_revoked_and_no_auth(keys):
+    key, _ = keys.create("alice")
+    assert (await Authenticator(keys)(f"Bearer {key}")).name == "alice"
+    assert (await Authenticator(keys)(f"bearer   {key}")).name == "alice"
+    keys.revoke("alice")
+    with pytest.raises(APIError) as info:
+        await Authenticator(keys)(f"Bearer {key}")
+    assert info.value.status == 401
+    assert await Authenticator(None)(None) is None
+
+
+async def test_an_unreachable_store_is_a_503_not_a_500(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'tokenmill.db'}")
+    keys = KeyService(store)
+    key, _ = keys.create("alice")
+    (tmp_path / "tokenmill.db").unlink()
+    (tmp_path / "tokenmill.db").mkdir()  # the file is gone and cannot come back: unreachable
+    store.close()
+    with pytest.raises(APIError) as info:
+        await Authenticator(keys)(f"Bearer {key}")
+    assert (info.value.status, info.value.code) == (503, "store_unavailable")
 
 
 def test_sse_event_framing():

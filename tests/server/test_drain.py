@@ -21,7 +21,7 @@ from tokenmill.server.state import ServerSettings
 
 async def test_drain_timeout_aborts_what_is_left():
     engine = FakeEngine(delay=0.2)  # 20 characters: ~4 s per request, longer than the drain
-    app = build_app([served(engine, "m")], ServerSettings(key_store=None))
+    app = build_app([served(engine, "m")], ServerSettings(keys=None))
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=0.5)

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from server_live import MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID
+from server_live import MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID, tokenmill_command
 
 pytestmark = pytest.mark.slow
 
@@ -286,6 +286,24 @@ def test_models_health_metrics_docs(server, client):
     assert metric(server, "tokenmill_generation_tokens_total") > 0
     assert httpx.get(server.base_url + "/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(server.base_url + "/openapi.json").json()["paths"]
+
+
+def test_a_key_created_or_revoked_by_the_cli_counts_on_the_next_request(server):
+    """`tokenmill keys` writes the store the running server reads on every request."""
+    env = dict(os.environ, TOKENMILL_HOME=str(server.home))
+
+    def keys(*args: str) -> str:
+        done = subprocess.run(tokenmill_command() + ["keys", *args], env=env, check=True,
+                              capture_output=True, text=True, timeout=120)
+        return done.stdout
+
+    key = keys("create", "--name", "cli-user").splitlines()[-1]
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(server.v1 + "/models", headers=headers).status_code == 200
+    assert "cli-user" in keys("list")
+    keys("revoke", "--name", "cli-user")
+    r = httpx.get(server.v1 + "/models", headers=headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "invalid_api_key")
 
 
 # ---- errors ----------------------------------------------------------------------------------

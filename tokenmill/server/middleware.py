@@ -37,7 +37,7 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            error = self._check(scope)
+            error = await self._check(scope)
             if error is not None:
                 await error.response()(scope, receive, send_logged)
             else:
@@ -47,12 +47,12 @@ class GuardMiddleware:
             log.info("%s %s %s %.0fms", scope["method"], scope["path"], status or "-",
                      (time.monotonic() - start) * 1000)
 
-    def _check(self, scope) -> APIError | None:
+    async def _check(self, scope) -> APIError | None:
         headers = Headers(scope=scope)
         path = scope["path"]
         if path == "/v1" or path.startswith("/v1/"):
             try:
-                principal = self.authenticate(headers.get("authorization"))
+                principal = await self.authenticate(headers.get("authorization"))
             except APIError as exc:
                 return exc
             scope.setdefault("state", {})["principal"] = principal

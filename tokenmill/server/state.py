@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tokenmill.server.auth import KeyStore
+from tokenmill.platform.keys import KeyService
 from tokenmill.server.errors import unavailable
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    key_store: KeyStore | None  # None: auth disabled (--no-auth)
+    keys: KeyService | None  # the platform's keys; None: auth disabled (--no-auth)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
     request_timeout_s: float = 600.0  # server-side deadline of one generation request
