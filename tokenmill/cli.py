@@ -217,6 +217,7 @@ def serve_command(args) -> int:
     from tokenmill.models.default import DEFAULT_MODEL_ID, tokenmill_home
     from tokenmill.server.app import build_app
     from tokenmill.platform.keys import KeyService
+    from tokenmill.platform.ledger import Ledger
     from tokenmill.platform.store import StoreUnavailable, open_store
     from tokenmill.server.auth import ensure_admin_key
     from tokenmill.server.state import ServerSettings
@@ -231,13 +232,14 @@ def serve_command(args) -> int:
 
     home = tokenmill_home()
     home.mkdir(parents=True, exist_ok=True)
-    keys = None
+    keys = ledger = None
     if args.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
                     args.host, args.port)
     else:
         try:
-            keys = KeyService(open_store(args.db))
+            store = open_store(args.db)
+            keys, ledger = KeyService(store), Ledger(store)
             key = ensure_admin_key(keys, home)
         except (StoreUnavailable, ValueError) as exc:
             print(f"tokenmill serve: {exc}", file=sys.stderr)
@@ -251,7 +253,7 @@ def serve_command(args) -> int:
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    settings = ServerSettings(keys=keys, **_given(args, SERVER_OPTIONS))
+    settings = ServerSettings(keys=keys, ledger=ledger, **_given(args, SERVER_OPTIONS))
     app = build_app(served, settings)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,

@@ -13,6 +13,7 @@ from server_fakes import REPLY, FakeEngine, served
 from tokenmill.catalog.pricing import Price
 from tokenmill.server.app import build_app
 from tokenmill.platform.keys import KeyService
+from tokenmill.platform.ledger import Ledger
 from tokenmill.platform.store import open_store
 from tokenmill.server.auth import ensure_admin_key
 from tokenmill.server.state import ServerSettings
@@ -39,7 +40,8 @@ def admin_key(key_store, tmp_path):
 
 
 def make_client(engine, key_store, **overrides):
-    settings = ServerSettings(keys=key_store, created=1700000000, **overrides)
+    ledger = None if key_store is None else Ledger(key_store.store)
+    settings = ServerSettings(keys=key_store, ledger=ledger, created=1700000000, **overrides)
     app = build_app([served(engine, MODEL)], settings)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), app
 
@@ -453,3 +455,45 @@ async def test_engine_failure_mid_stream_is_an_error_event(client, engine):
     r = await client.post("/v1/chat/completions", json=chat_body())
     assert_error(r, 503, code="engine_unavailable", type_="server_error")
     assert "boom" not in r.text
+
+
+# ---- the usage ledger ------------------------------------------------------------------------
+
+async def test_every_response_has_one_usage_record_that_adds_up_to_what_it_reported(
+        client, key_store):
+    full = (await client.post("/v1/chat/completions", json=chat_body(max_tokens=5))).json()
+    streamed = sse_events((await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": ["ab", "cde"], "n": 2, "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}})).text)
+    usage = (await client.get("/v1/usage")).json()
+    assert [r["id"] for r in usage["data"]] == [full["id"], streamed[0]["id"]]
+    streamed = streamed[:-1]  # [DONE]
+    for record, reported in zip(usage["data"], [full["usage"], streamed[-1]["usage"]]):
+        assert (record["prompt_tokens"], record["completion_tokens"], record["cost"]) == (
+            reported["prompt_tokens"], reported["completion_tokens"], reported["estimated_cost"])
+        assert (record["model"], record["status"], record["finish_reason"]) == (
+            MODEL, "completed", "length")
+    assert usage["total_cost"] == full["usage"]["estimated_cost"] + \
+        streamed[-1]["usage"]["estimated_cost"]
+    assert usage["has_more"] is False
+    page = (await client.get("/v1/usage", params={"limit": 1})).json()
+    assert ([r["id"] for r in page["data"]], page["has_more"]) == ([full["id"]], True)
+    rest = (await client.get("/v1/usage", params={"after": full["id"]})).json()
+    assert [r["id"] for r in rest["data"]] == [streamed[0]["id"]]
+
+
+async def test_one_key_never_sees_another_keys_usage(client, engine, key_store):
+    mine = (await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).json()
+    other_key, _ = key_store.create("other")
+    other = {"Authorization": f"Bearer {other_key}"}
+    assert (await client.get("/v1/usage", headers=other)).json()["data"] == []
+    r = await client.get("/v1/usage", headers=other, params={"after": mine["id"]})
+    assert_error(r, 400, param="after")
+    for bad in ({"limit": 0}, {"limit": 1001}, {"start": "yesterday"}):
+        assert_error(await client.get("/v1/usage", params=bad), 400)
+
+
+async def test_usage_without_keys_is_a_clear_400(engine):
+    c, _ = make_client(engine, None)
+    async with c:
+        assert_error(await c.get("/v1/usage"), 400, code="usage_not_recorded")

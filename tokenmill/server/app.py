@@ -21,10 +21,11 @@ from tokenmill.server.middleware import GuardMiddleware
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse, ErrorResponse,
-                                       ModelCard, ModelList)
+                                       ModelCard, ModelList, UsageList)
 from tokenmill.server.serving_chat import ChatServing
 from tokenmill.server.serving_completion import CompletionServing
 from tokenmill.server.state import ServerSettings, ServerState
+from tokenmill.server.usage_api import usage_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
              responses={200: {"content": {"text/event-stream": {}}}})
     async def create_completion(body: CompletionRequest, request: Request):
         return await completions.create(body, request)
+
+    @v1.get("/usage", response_model=UsageList)
+    async def list_usage(request: Request, start: str | None = None, end: str | None = None,
+                         model: str | None = None, limit: int = 100, after: str | None = None):
+        principal = getattr(request.state, "principal", None)
+        return await usage_of(settings.ledger, principal and principal.key_id, start=start,
+                              end=end, model=model, limit=limit, after=after)
 
     @v1.get("/models", response_model=ModelList)
     async def list_models():

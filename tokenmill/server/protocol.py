@@ -262,6 +262,25 @@ class CompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class UsageRecordOut(_Response):
+    id: str  # the response's id
+    model: str
+    created: int  # unix seconds
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost: float  # USD
+    status: str  # completed | aborted | error
+    finish_reason: str | None
+
+
+class UsageList(_Response):
+    object: Literal["list"] = "list"
+    data: list[UsageRecordOut]
+    total_cost: float  # USD, over every record the filters select (all pages)
+    has_more: bool
+
+
 class Pricing(_Response):
     input: float  # USD per 1M prompt tokens
     output: float  # USD per 1M completion tokens

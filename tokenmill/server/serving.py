@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -23,10 +24,12 @@ from starlette.requests import Request
 
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
+from tokenmill.platform.ledger import UsageEntry
+from tokenmill.platform.store import StoreUnavailable
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
-                                     invalid_request, not_supported)
+                                     invalid_request, not_supported, unavailable)
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
@@ -172,7 +175,7 @@ class OpenAIServing(ABC):
         job = await asyncio.to_thread(self.prepare, model, req)
         request_id = new_id(self.id_prefix)
         ticket = self.state.admit()
-        timing = {"start": time.monotonic()}
+        timing = {"start": time.monotonic(), "arrival": datetime.now(timezone.utc)}
         if req.stream:
             body = self._stream(req, job, request_id, raw, timing)
             return sse.EventStreamResponse(body, on_close=ticket.release)
@@ -199,9 +202,11 @@ class OpenAIServing(ABC):
         except ClientDisconnected:
             self.done("disconnected", timing)
             log.info("%s: client disconnected, aborted", request_id)
+            await self.bill_quietly(job, request_id, raw, tally, "aborted", None, timing)
             return JSONResponse({}, status_code=499)  # nobody reads it
         except BaseException:
             self.done("error", timing)
+            await self.bill_quietly(job, request_id, raw, tally, "error", None, timing)
             raise
         self.done("ok", timing)
         k = req.num_logprobs
@@ -209,6 +214,8 @@ class OpenAIServing(ABC):
                                None if k is None else self.logprobs(job, entries[c], k, 0),
                                finish[c]) for c in range(job.num_choices)]
         body = self.response(job, request_id, choices, tally.usage(job.model.entry.price))
+        # Durable before the body leaves: a response the client got is always in the ledger.
+        await self.bill(job, request_id, raw, tally, "completed", finish[-1], timing)
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _stream(self, req, job: Job, request_id: str, raw: Request,
@@ -225,7 +232,7 @@ class OpenAIServing(ABC):
             return sse.event(self.chunk(job, request_id, created, choices, usage),
                              exclude=exclude)
 
-        outcome = "error"
+        outcome, billed, last_finish = "error", False, None
         try:
             for opening in self.opening_choices(job.num_choices):
                 yield event([opening])
@@ -239,17 +246,59 @@ class OpenAIServing(ABC):
                     offsets[c] += len(text)
                     yield event([self.delta_choice(c, text, lp, None)])
                 if out.finished:
-                    yield event([self.delta_choice(c, None, None, self.finish_reason(out))])
+                    last_finish = self.finish_reason(out)
+                    yield event([self.delta_choice(c, None, None, last_finish)])
             if req.include_usage:
                 yield event([], usage=tally.usage(job.model.entry.price))
+            # Durable before `[DONE]` (sent after this generator ends) goes out.
+            billed = True
+            await self.bill(job, request_id, raw, tally, "completed", last_finish, timing)
             outcome = "ok"
         except (ClientDisconnected, asyncio.CancelledError, GeneratorExit) as exc:
             outcome = "disconnected"
             log.info("%s: client disconnected, aborted", request_id)
+            if not billed:  # the tokens produced are billed, the client gone or not
+                billed = True
+                await self.bill_quietly(job, request_id, raw, tally, "aborted", None, timing)
             if not isinstance(exc, ClientDisconnected):
                 raise
         finally:
             self.done(outcome, timing)
+            if not billed:
+                await self.bill_quietly(job, request_id, raw, tally, "error", None, timing)
+
+    # ---- the ledger ---------------------------------------------------------------------------
+
+    async def bill(self, job: Job, request_id: str, raw: Request, tally: UsageTally, status: str,
+                   finish_reason: str | None, timing: dict) -> None:
+        """Write the request's one usage record (when a key made it and the ledger is on), in a
+        worker thread; shielded, so a request cancelled meanwhile is billed all the same. A
+        store that cannot take it is a 503."""
+        principal = getattr(raw.state, "principal", None)
+        if self.settings.ledger is None or principal is None:
+            return
+        prompt, cached, completion = tally.counts()
+        entry = UsageEntry(id=request_id, key_id=principal.key_id, model=job.model.id,
+                           prompt_tokens=prompt, cached_tokens=cached,
+                           completion_tokens=completion,
+                           cost_pico=tally.cost_pico(job.model.entry.price), status=status,
+                           finish_reason=finish_reason, created_at=timing["arrival"],
+                           finished_at=datetime.now(timezone.utc))
+        try:
+            await asyncio.shield(asyncio.to_thread(self.settings.ledger.record, entry))
+        except StoreUnavailable as exc:
+            log.error("%s: usage record not written, the store is unavailable: %s", request_id,
+                      exc)
+            raise unavailable("The usage ledger is unavailable; retry shortly.",
+                              "store_unavailable") from None
+
+    async def bill_quietly(self, *args) -> None:
+        """`bill` on a path that is already failing or ending: a store error is logged, never
+        raised over the original outcome."""
+        try:
+            await self.bill(*args)
+        except APIError:
+            pass
 
     # ---- what each endpoint supplies ----------------------------------------------------------
 

@@ -8,12 +8,14 @@ import time
 from dataclasses import dataclass, field
 
 from tokenmill.platform.keys import KeyService
+from tokenmill.platform.ledger import Ledger
 from tokenmill.server.errors import unavailable
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     keys: KeyService | None  # the platform's keys; None: auth disabled (--no-auth)
+    ledger: Ledger | None = None  # one usage record per request made with a key
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
     request_timeout_s: float = 600.0  # server-side deadline of one generation request

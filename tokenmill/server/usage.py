@@ -28,10 +28,13 @@ class UsageTally:
             self.cached[out.request_id] = out.num_cached_tokens
         self.output[(out.request_id, out.index)] = out.num_output_tokens
 
+    def counts(self) -> tuple[int, int, int]:
+        """(prompt, cached prompt, completion) tokens so far."""
+        return sum(self.prompt.values()), sum(self.cached.values()), sum(self.output.values())
+
     def cost_pico(self, price: Price) -> int:
         """The exact cost in picodollars (1e-12 USD)."""
-        return price.cost_pico(sum(self.prompt.values()), sum(self.cached.values()),
-                               sum(self.output.values()))
+        return price.cost_pico(*self.counts())
 
     def usage(self, price: Price) -> Usage:
         prompt, completion = sum(self.prompt.values()), sum(self.output.values())

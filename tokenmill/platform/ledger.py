@@ -1,0 +1,103 @@
+"""The usage ledger: exactly one record per request, whose id is the response's id.
+
+`record` is idempotent on that id (insert-or-nothing in one statement, on SQLite and
+PostgreSQL alike), so a retry after a timeout or a second writer on the same request can never
+bill twice. The server writes the record before the last byte of a response leaves (the JSON
+body, or a stream's `[DONE]`): a response a client received is in the ledger, whatever happens to
+the process afterwards. A request still running when the process dies has no record (its tokens
+are not billed). Like the rest of the store, nothing here may run on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from tokenmill.platform.db import UsageRecord
+from tokenmill.platform.store import Store
+
+STATUSES = ("completed", "aborted", "error")
+MAX_PAGE = 1000  # records in one page of a usage query
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    id: str  # the response's id (chatcmpl-..., cmpl-...)
+    key_id: int  # the key that made the request
+    model: str  # the served model id
+    prompt_tokens: int
+    cached_tokens: int  # of prompt_tokens, served by the prefix cache
+    completion_tokens: int  # generated, whether the client read them or not
+    cost_pico: int  # exact, picodollars (1e-12 USD)
+    status: str  # completed | aborted (the client left, or a deadline) | error
+    finish_reason: str | None  # the last choice's, when it finished
+    created_at: datetime  # request arrival, UTC
+    finished_at: datetime  # when the record was made, UTC
+
+
+@dataclass(frozen=True)
+class UsagePage:
+    data: list[UsageEntry]  # oldest first
+    total_cost_pico: int  # over the whole selection, not only this page
+    has_more: bool  # records after the last one of `data`
+
+
+class Ledger:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def record(self, entry: UsageEntry) -> bool:
+        """Write `entry` unless a record with its id exists; True if this call wrote it."""
+        if entry.status not in STATUSES:
+            raise ValueError(f"status {entry.status!r} is not one of {', '.join(STATUSES)}")
+        values = {name: getattr(entry, name) for name in UsageEntry.__dataclass_fields__}
+        dialect = self.store.engine.dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = insert(UsageRecord).values(**values).on_conflict_do_nothing(
+            index_elements=["id"]).returning(UsageRecord.id)  # a row back: this call wrote it
+        with self.store.write() as session:
+            return session.execute(statement).first() is not None
+
+    def query(self, key_id: int | None = None, *, start: datetime | None = None,
+              end: datetime | None = None, model: str | None = None, limit: int = 100,
+              after: str | None = None) -> UsagePage:
+        """Records of `key_id` (None: every key) created in [start, end), of `model` if given,
+        in creation order (ties by id), `limit` of them after the record `after`."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        where = []
+        if key_id is not None:
+            where.append(UsageRecord.key_id == key_id)
+        if start is not None:
+            where.append(UsageRecord.created_at >= start)
+        if end is not None:
+            where.append(UsageRecord.created_at < end)
+        if model is not None:
+            where.append(UsageRecord.model == model)
+        order = (UsageRecord.created_at, UsageRecord.id)
+        with self.store.read() as session:
+            total = session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_pico), 0))
+                                   .where(*where))
+            page = select(UsageRecord).where(*where)
+            if after is not None:
+                cursor = session.get(UsageRecord, after)
+                if cursor is None or (key_id is not None and cursor.key_id != key_id):
+                    raise KeyError(after)  # never a cursor into another key's records
+                page = page.where((UsageRecord.created_at > cursor.created_at)
+                                  | ((UsageRecord.created_at == cursor.created_at)
+                                     & (UsageRecord.id > cursor.id)))
+            rows = session.scalars(page.order_by(*order).limit(limit + 1)).all()
+        entries = [UsageEntry(**{name: getattr(row, name)
+                                 for name in UsageEntry.__dataclass_fields__})
+                   for row in rows[:limit]]
+        return UsagePage(entries, int(total), len(rows) > limit)
+
+    def spend(self, key_id: int) -> int:
+        """Everything `key_id` was billed, picodollars."""
+        with self.store.read() as session:
+            return int(session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_pico), 0))
+                                      .where(UsageRecord.key_id == key_id)))
