@@ -497,3 +497,51 @@ async def test_usage_without_keys_is_a_clear_400(engine):
     c, _ = make_client(engine, None)
     async with c:
         assert_error(await c.get("/v1/usage"), 400, code="usage_not_recorded")
+
+
+# ---- rate limits, budgets and model restrictions --------------------------------------------
+
+async def post_as(client, key: str, **body):
+    return await client.post("/v1/chat/completions", json=chat_body(**body),
+                             headers={"Authorization": f"Bearer {key}"})
+
+
+async def test_of_12_simultaneous_requests_against_rpm_5_exactly_5_succeed(client, key_store):
+    key, _ = key_store.create("limited", rpm=5)
+    answers = await asyncio.gather(*(post_as(client, key, max_tokens=2) for _ in range(12)))
+    assert sorted(r.status_code for r in answers) == [200] * 5 + [429] * 7
+    refused = [r for r in answers if r.status_code == 429]
+    for r in refused:
+        assert_error(r, 429, code="rate_limit_exceeded", type_="requests")
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    ok = next(r for r in answers if r.status_code == 200)
+    assert ok.headers["x-ratelimit-limit-requests"] == "5"
+    usage = (await client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})).json()
+    assert len(usage["data"]) == 5  # refused requests are not billed
+
+
+async def test_tokens_per_minute_admit_what_fits_and_reconcile_to_what_was_used(
+        client, key_store):
+    # Each request reserves 19 prompt + 10 max_tokens = 29 tokens and uses 19 + 10.
+    key, _ = key_store.create("tpm", tpm=60)
+    answers = await asyncio.gather(*(post_as(client, key, max_tokens=10) for _ in range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
+    r = next(r for r in answers if r.status_code == 429)
+    assert_error(r, 429, code="rate_limit_exceeded", type_="requests")
+    assert r.headers["x-ratelimit-limit-tokens"] == "60"
+
+
+async def test_a_tiny_budget_gives_one_success_then_insufficient_quota(client, key_store):
+    key, _ = key_store.create("poor", budget_usd="0.000000000001")  # one picodollar
+    assert (await post_as(client, key, max_tokens=2)).status_code == 200
+    r = await post_as(client, key, max_tokens=2)
+    assert_error(r, 429, code="insufficient_quota", type_="insufficient_quota")
+    assert "retry-after" not in r.headers
+
+
+async def test_a_key_restricted_to_some_models_gets_403_on_the_others(client, key_store):
+    key, _ = key_store.create("narrow", models=["org/other"])
+    r = await post_as(client, key, max_tokens=2)
+    assert_error(r, 403, code="permission_denied", param="model")

@@ -76,6 +76,16 @@ def not_supported(param: str, what: str) -> APIError:
     return invalid_request(f"{what} is not supported yet", param, "unsupported_parameter")
 
 
+def permission_denied(message: str, param: str | None = None) -> APIError:
+    return APIError(403, message, INVALID_REQUEST, param, "permission_denied")
+
+
+def rate_limited(code: str, message: str, headers: dict[str, str]) -> APIError:
+    """429: `rate_limit_exceeded` (Retry-After in `headers`) or `insufficient_quota`."""
+    kind = "insufficient_quota" if code == "insufficient_quota" else "requests"
+    return APIError(429, message, kind, None, code, headers=headers)
+
+
 def too_large(limit: int) -> APIError:
     return APIError(413, f"The request body exceeds the limit of {limit} bytes.",
                     INVALID_REQUEST, None, "request_too_large")

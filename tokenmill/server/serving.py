@@ -25,11 +25,13 @@ from starlette.requests import Request
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
 from tokenmill.platform.ledger import UsageEntry
+from tokenmill.platform.limits import Limits, RateLimited
 from tokenmill.platform.store import StoreUnavailable
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
-                                     invalid_request, not_supported, unavailable)
+                                     invalid_request, not_supported, permission_denied,
+                                     rate_limited, unavailable)
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
@@ -170,19 +172,63 @@ class OpenAIServing(ABC):
 
     async def create(self, req, raw: Request):
         model = self.check_request(req)
+        principal = getattr(raw.state, "principal", None)
+        if principal is not None and principal.models is not None \
+                and model.id not in principal.models:
+            raise permission_denied(f"This API key may not use the model `{model.id}`.", "model")
         self.check_supported(req)
         # Off the event loop: tokenizing a long prompt must not stall other streams.
         job = await asyncio.to_thread(self.prepare, model, req)
         request_id = new_id(self.id_prefix)
         ticket = self.state.admit()
         timing = {"start": time.monotonic(), "arrival": datetime.now(timezone.utc)}
+        try:
+            headers = await self.reserve(job, raw)
+        except BaseException:
+            ticket.release()
+            raise
         if req.stream:
             body = self._stream(req, job, request_id, raw, timing)
-            return sse.EventStreamResponse(body, on_close=ticket.release)
+
+            def closed() -> None:
+                ticket.release()
+                self.release_unbilled(raw)
+
+            response = sse.EventStreamResponse(body, on_close=closed)
+            response.headers.update(headers)
+            return response
         try:
-            return await self._full(req, job, request_id, raw, timing)
+            response = await self._full(req, job, request_id, raw, timing)
+            response.headers.update(headers)
+            return response
         finally:
             ticket.release()
+
+    async def reserve(self, job: Job, raw: Request) -> dict[str, str]:
+        """Admit the request against its key's rpm, tpm and budget (a 429 otherwise), reserving
+        prompt + n x max_tokens tokens and the most they can cost; the reservation is kept on
+        `raw.state` for `bill` to hand back. Returns the x-ratelimit headers."""
+        principal = getattr(raw.state, "principal", None)
+        if principal is None or self.settings.ledger is None:
+            return {}
+        limits = Limits(principal.rpm, principal.tpm, principal.budget_pico)
+        prompt = sum(len(ids) for ids in job.prompts)
+        completion = len(job.prompts) * job.params.n * job.params.max_tokens
+        most = job.model.entry.price.cost_pico(prompt, 0, completion)
+        spent = 0
+        if limits.budget_pico is not None:
+            try:
+                spent = await asyncio.to_thread(self.settings.ledger.spend, principal.key_id)
+            except StoreUnavailable:
+                raise unavailable("The usage ledger is unavailable; retry shortly.",
+                                  "store_unavailable") from None
+        limiter = self.state.limiter
+        try:
+            raw.state.reservation = limiter.reserve(principal.key_id, limits,
+                                                    prompt + completion, most, spent)
+        except RateLimited as exc:
+            raise rate_limited(exc.code, exc.message, exc.headers) from None
+        return limiter.headers(principal.key_id, limits)
 
     async def _full(self, req, job: Job, request_id: str, raw: Request,
                     timing: dict) -> JSONResponse:
@@ -277,6 +323,7 @@ class OpenAIServing(ABC):
         principal = getattr(raw.state, "principal", None)
         if self.settings.ledger is None or principal is None:
             return
+        raw.state.billing = True  # from here on, `bill` hands the reservation back
         prompt, cached, completion = tally.counts()
         entry = UsageEntry(id=request_id, key_id=principal.key_id, model=job.model.id,
                            prompt_tokens=prompt, cached_tokens=cached,
@@ -291,6 +338,17 @@ class OpenAIServing(ABC):
                       exc)
             raise unavailable("The usage ledger is unavailable; retry shortly.",
                               "store_unavailable") from None
+        finally:  # the reservation goes back once, with the true counts
+            reservation = getattr(raw.state, "reservation", None)
+            if reservation is not None:
+                self.state.limiter.finish(reservation, prompt + completion, entry.cost_pico)
+
+    def release_unbilled(self, raw: Request) -> None:
+        """A stream whose client left before its body started never reaches `bill`: give its
+        reservation back unused (nothing was generated, nothing is billed)."""
+        reservation = getattr(raw.state, "reservation", None)
+        if reservation is not None and not getattr(raw.state, "billing", False):
+            self.state.limiter.finish(reservation, 0, 0)
 
     async def bill_quietly(self, *args) -> None:
         """`bill` on a path that is already failing or ending: a store error is logged, never

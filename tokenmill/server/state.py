@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
+from tokenmill.platform.limits import InProcessLimiter, Limiter
 from tokenmill.server.errors import unavailable
 
 
@@ -28,6 +29,7 @@ class ServerState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.draining = False  # set on SIGTERM: new generation requests get a 503
+        self.limiter: Limiter = InProcessLimiter()  # this process's rpm, tpm and budgets
         self.in_flight = 0  # admitted generation requests not yet finished
 
     def admit(self) -> Ticket:
