@@ -24,14 +24,11 @@ from starlette.requests import Request
 
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
-from tokenmill.platform.ledger import UsageEntry
-from tokenmill.platform.limits import Limits, RateLimited
-from tokenmill.platform.store import StoreUnavailable
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
-                                     invalid_request, not_supported, permission_denied,
-                                     rate_limited, unavailable)
+                                     invalid_request, not_supported, permission_denied)
+from tokenmill.server.metering import Metering
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
@@ -84,6 +81,7 @@ class OpenAIServing(ABC):
         self.settings = settings
         self.state = state
         self.metrics = metrics
+        self.metering = Metering(settings, state)
 
     # ---- validation -----------------------------------------------------------------------
 
@@ -183,7 +181,7 @@ class OpenAIServing(ABC):
         ticket = self.state.admit()
         timing = {"start": time.monotonic(), "arrival": datetime.now(timezone.utc)}
         try:
-            headers = await self.reserve(job, raw)
+            headers = await self.metering.reserve(job, raw)
         except BaseException:
             ticket.release()
             raise
@@ -192,7 +190,7 @@ class OpenAIServing(ABC):
 
             def closed() -> None:
                 ticket.release()
-                self.release_unbilled(raw)
+                self.metering.release_unbilled(raw)
 
             response = sse.EventStreamResponse(body, on_close=closed)
             response.headers.update(headers)
@@ -203,32 +201,6 @@ class OpenAIServing(ABC):
             return response
         finally:
             ticket.release()
-
-    async def reserve(self, job: Job, raw: Request) -> dict[str, str]:
-        """Admit the request against its key's rpm, tpm and budget (a 429 otherwise), reserving
-        prompt + n x max_tokens tokens and the most they can cost; the reservation is kept on
-        `raw.state` for `bill` to hand back. Returns the x-ratelimit headers."""
-        principal = getattr(raw.state, "principal", None)
-        if principal is None or self.settings.ledger is None:
-            return {}
-        limits = Limits(principal.rpm, principal.tpm, principal.budget_pico)
-        prompt = sum(len(ids) for ids in job.prompts)
-        completion = len(job.prompts) * job.params.n * job.params.max_tokens
-        most = job.model.entry.price.cost_pico(prompt, 0, completion)
-        spent = 0
-        if limits.budget_pico is not None:
-            try:
-                spent = await asyncio.to_thread(self.settings.ledger.spend, principal.key_id)
-            except StoreUnavailable:
-                raise unavailable("The usage ledger is unavailable; retry shortly.",
-                                  "store_unavailable") from None
-        limiter = self.state.limiter
-        try:
-            raw.state.reservation = limiter.reserve(principal.key_id, limits,
-                                                    prompt + completion, most, spent)
-        except RateLimited as exc:
-            raise rate_limited(exc.code, exc.message, exc.headers) from None
-        return limiter.headers(principal.key_id, limits)
 
     async def _full(self, req, job: Job, request_id: str, raw: Request,
                     timing: dict) -> JSONResponse:
@@ -248,11 +220,11 @@ class OpenAIServing(ABC):
         except ClientDisconnected:
             self.done("disconnected", timing)
             log.info("%s: client disconnected, aborted", request_id)
-            await self.bill_quietly(job, request_id, raw, tally, "aborted", None, timing)
+            await self.metering.bill_quietly(job, request_id, raw, tally, "aborted", None, timing)
             return JSONResponse({}, status_code=499)  # nobody reads it
         except BaseException:
             self.done("error", timing)
-            await self.bill_quietly(job, request_id, raw, tally, "error", None, timing)
+            await self.metering.bill_quietly(job, request_id, raw, tally, "error", None, timing)
             raise
         self.done("ok", timing)
         k = req.num_logprobs
@@ -261,7 +233,7 @@ class OpenAIServing(ABC):
                                finish[c]) for c in range(job.num_choices)]
         body = self.response(job, request_id, choices, tally.usage(job.model.entry.price))
         # Durable before the body leaves: a response the client got is always in the ledger.
-        await self.bill(job, request_id, raw, tally, "completed", finish[-1], timing)
+        await self.metering.bill(job, request_id, raw, tally, "completed", finish[-1], timing)
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _stream(self, req, job: Job, request_id: str, raw: Request,
@@ -298,65 +270,21 @@ class OpenAIServing(ABC):
                 yield event([], usage=tally.usage(job.model.entry.price))
             # Durable before `[DONE]` (sent after this generator ends) goes out.
             billed = True
-            await self.bill(job, request_id, raw, tally, "completed", last_finish, timing)
+            await self.metering.bill(job, request_id, raw, tally, "completed", last_finish, timing)
             outcome = "ok"
         except (ClientDisconnected, asyncio.CancelledError, GeneratorExit) as exc:
             outcome = "disconnected"
             log.info("%s: client disconnected, aborted", request_id)
             if not billed:  # the tokens produced are billed, the client gone or not
                 billed = True
-                await self.bill_quietly(job, request_id, raw, tally, "aborted", None, timing)
+                await self.metering.bill_quietly(job, request_id, raw, tally, "aborted", None,
+                                                 timing)
             if not isinstance(exc, ClientDisconnected):
                 raise
         finally:
             self.done(outcome, timing)
             if not billed:
-                await self.bill_quietly(job, request_id, raw, tally, "error", None, timing)
-
-    # ---- the ledger ---------------------------------------------------------------------------
-
-    async def bill(self, job: Job, request_id: str, raw: Request, tally: UsageTally, status: str,
-                   finish_reason: str | None, timing: dict) -> None:
-        """Write the request's one usage record (when a key made it and the ledger is on), in a
-        worker thread; shielded, so a request cancelled meanwhile is billed all the same. A
-        store that cannot take it is a 503."""
-        principal = getattr(raw.state, "principal", None)
-        if self.settings.ledger is None or principal is None:
-            return
-        raw.state.billing = True  # from here on, `bill` hands the reservation back
-        prompt, cached, completion = tally.counts()
-        entry = UsageEntry(id=request_id, key_id=principal.key_id, model=job.model.id,
-                           prompt_tokens=prompt, cached_tokens=cached,
-                           completion_tokens=completion,
-                           cost_pico=tally.cost_pico(job.model.entry.price), status=status,
-                           finish_reason=finish_reason, created_at=timing["arrival"],
-                           finished_at=datetime.now(timezone.utc))
-        try:
-            await asyncio.shield(asyncio.to_thread(self.settings.ledger.record, entry))
-        except StoreUnavailable as exc:
-            log.error("%s: usage record not written, the store is unavailable: %s", request_id,
-                      exc)
-            raise unavailable("The usage ledger is unavailable; retry shortly.",
-                              "store_unavailable") from None
-        finally:  # the reservation goes back once, with the true counts
-            reservation = getattr(raw.state, "reservation", None)
-            if reservation is not None:
-                self.state.limiter.finish(reservation, prompt + completion, entry.cost_pico)
-
-    def release_unbilled(self, raw: Request) -> None:
-        """A stream whose client left before its body started never reaches `bill`: give its
-        reservation back unused (nothing was generated, nothing is billed)."""
-        reservation = getattr(raw.state, "reservation", None)
-        if reservation is not None and not getattr(raw.state, "billing", False):
-            self.state.limiter.finish(reservation, 0, 0)
-
-    async def bill_quietly(self, *args) -> None:
-        """`bill` on a path that is already failing or ending: a store error is logged, never
-        raised over the original outcome."""
-        try:
-            await self.bill(*args)
-        except APIError:
-            pass
+                await self.metering.bill_quietly(job, request_id, raw, tally, "error", None, timing)
 
     # ---- what each endpoint supplies ----------------------------------------------------------
 
