@@ -94,3 +94,16 @@ def test_a_page_cursor_never_points_into_another_keys_records(ledger, key_ids):
         ledger.query(alice, after="cmpl-missing")
     with pytest.raises(ValueError, match="limit"):
         ledger.query(alice, limit=1001)
+
+
+def test_totals_per_key_model_and_utc_day_are_exact(ledger, key_ids):
+    alice, bob = key_ids
+    ledger.record(entry("a1", alice, minute=0, model="m/a", cost=10 ** 15 + 1))
+    ledger.record(entry("a2", alice, minute=12 * 60 + 1, model="m/b", cost=2))  # the next day
+    ledger.record(entry("b1", bob, minute=5, model="m/a", cost=3))
+    totals = ledger.totals()
+    assert totals.by_key == {alice: 10 ** 15 + 3, bob: 3}
+    assert totals.by_model == {"m/a": 10 ** 15 + 4, "m/b": 2}
+    assert totals.by_day == {"2026-12-01": 10 ** 15 + 4, "2026-12-02": 2}
+    assert ledger.totals(key_id=bob).by_key == {bob: 3}
+    assert ledger.totals(model="m/b", start=T0 + timedelta(hours=1)).by_day == {"2026-12-02": 2}

@@ -545,3 +545,52 @@ async def test_a_key_restricted_to_some_models_gets_403_on_the_others(client, ke
     key, _ = key_store.create("narrow", models=["org/other"])
     r = await post_as(client, key, max_tokens=2)
     assert_error(r, 403, code="permission_denied", param="model")
+
+
+# ---- /admin/ ------------------------------------------------------------------------------------
+
+async def test_admin_routes_are_403_to_user_keys_and_401_without_one(client, key_store):
+    user, _ = key_store.create("user")
+    as_user = {"Authorization": f"Bearer {user}"}
+    for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"),
+                         ("PATCH", "/admin/keys/user"), ("DELETE", "/admin/keys/user"),
+                         ("GET", "/admin/usage")):
+        r = await client.request(method, path, headers=as_user, json={"name": "x"})
+        assert_error(r, 403, code="permission_denied")
+        r = await client.request(method, path, headers={"Authorization": ""})
+        assert_error(r, 401, code="invalid_api_key")
+
+
+async def test_admin_creates_changes_and_revokes_a_key_that_counts_at_once(client, key_store):
+    made = (await client.post("/admin/keys", json={"name": "team", "rpm": 2,
+                                                   "budget": "1.5", "models": [MODEL]})).json()
+    key = made.pop("key")
+    assert key.startswith("sk-tm-") and made["display"] == f"{key[:10]}...{key[-4:]}"
+    assert (made["name"], made["rpm"], made["budget"], made["models"], made["status"]) == (
+        "team", 2, 1.5, [MODEL], "active")
+    assert (await post_as(client, key, max_tokens=2)).status_code == 200
+    changed = (await client.patch("/admin/keys/team", json={"rpm": None, "tpm": 500})).json()
+    assert (changed["rpm"], changed["tpm"], changed["budget"]) == (None, 500, 1.5)
+    listed = (await client.get("/admin/keys")).json()["data"]
+    assert [(k["name"], k["admin"]) for k in listed] == [("admin", True), ("team", False)]
+    assert listed[1]["spend"] > 0
+    assert (await client.delete("/admin/keys/team")).json()["status"] == "revoked"
+    assert_error(await post_as(client, key, max_tokens=2), 401, code="invalid_api_key")
+    assert_error(await client.delete("/admin/keys/nobody"), 404)
+    assert_error(await client.post("/admin/keys", json={"name": "team"}), 400)
+
+
+async def test_admin_usage_shows_every_key_with_totals_per_key_model_and_day(client, key_store):
+    other, _ = key_store.create("other")
+    mine = (await client.post("/v1/chat/completions", json=chat_body(max_tokens=3))).json()
+    theirs = (await post_as(client, other, max_tokens=2)).json()
+    usage = (await client.get("/admin/usage")).json()
+    assert [(r["id"], r["key"]) for r in usage["data"]] == [(mine["id"], "admin"),
+                                                          (theirs["id"], "other")]
+    cost = {"admin": mine["usage"]["estimated_cost"], "other": theirs["usage"]["estimated_cost"]}
+    assert usage["by_key"] == cost
+    assert usage["by_model"] == {MODEL: usage["total_cost"]}
+    assert list(usage["by_day"].values()) == [usage["total_cost"]]
+    only = (await client.get("/admin/usage", params={"key": "other"})).json()
+    assert [r["id"] for r in only["data"]] == [theirs["id"]]
+    assert_error(await client.get("/admin/usage", params={"key": "nobody"}), 404)

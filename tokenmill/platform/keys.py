@@ -145,6 +145,12 @@ class KeyService:
         with self.store.read() as session:
             return [self._info(row, int(total), now) for row, total in session.execute(query)]
 
+    def ids_by_name(self) -> dict[str, int]:
+        """Every key's name -> its id (the ledger's `key_id`)."""
+        with self.store.read() as session:
+            rows = session.execute(select(ApiKey.name, ApiKey.id))
+            return {name: key_id for name, key_id in rows}
+
     def get(self, name: str) -> KeyInfo:
         """The key named `name` with its spend; KeyError if there is none."""
         for info in self.list():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Date, cast, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -37,6 +37,15 @@ class UsageEntry:
     finish_reason: str | None  # the last choice's, when it finished
     created_at: datetime  # request arrival, UTC
     finished_at: datetime  # when the record was made, UTC
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Picodollars over a selection, grouped three ways (keys by id, days as YYYY-MM-DD UTC)."""
+
+    by_key: dict[int, int]
+    by_model: dict[str, int]
+    by_day: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -69,15 +78,7 @@ class Ledger:
         in creation order (ties by id), `limit` of them after the record `after`."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
-        where = []
-        if key_id is not None:
-            where.append(UsageRecord.key_id == key_id)
-        if start is not None:
-            where.append(UsageRecord.created_at >= start)
-        if end is not None:
-            where.append(UsageRecord.created_at < end)
-        if model is not None:
-            where.append(UsageRecord.model == model)
+        where = _filters(key_id, start, end, model)
         order = (UsageRecord.created_at, UsageRecord.id)
         with self.store.read() as session:
             total = session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_pico), 0))
@@ -96,8 +97,43 @@ class Ledger:
                    for row in rows[:limit]]
         return UsagePage(entries, int(total), len(rows) > limit)
 
+    def totals(self, *, start: datetime | None = None, end: datetime | None = None,
+               model: str | None = None, key_id: int | None = None) -> UsageTotals:
+        """Costs of the records created in [start, end) (of `model`, of `key_id` if given), per
+        key, per model and per UTC day, summed by the database."""
+        where = _filters(key_id, start, end, model)
+        cost = func.sum(UsageRecord.cost_pico)
+        if self.store.engine.dialect.name == "postgresql":
+            day = cast(func.timezone("UTC", UsageRecord.created_at), Date)
+        else:  # SQLite holds naive UTC text
+            day = func.date(UsageRecord.created_at)
+        with self.store.read() as session:
+            def grouped(column) -> dict:
+                rows = session.execute(select(column, cost).where(*where).group_by(column)
+                                       .order_by(column))
+                return {value: int(total) for value, total in rows}
+
+            by_key, by_model, by_day = (grouped(UsageRecord.key_id),
+                                        grouped(UsageRecord.model), grouped(day))
+        return UsageTotals(by_key, by_model, {str(d): v for d, v in by_day.items()})
+
     def spend(self, key_id: int) -> int:
         """Everything `key_id` was billed, picodollars."""
         with self.store.read() as session:
             return int(session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_pico), 0))
                                       .where(UsageRecord.key_id == key_id)))
+
+
+def _filters(key_id: int | None, start: datetime | None, end: datetime | None,
+             model: str | None) -> list:
+    """WHERE clauses of a selection: its key, [start, end) and model, each when given."""
+    where = []
+    if key_id is not None:
+        where.append(UsageRecord.key_id == key_id)
+    if start is not None:
+        where.append(UsageRecord.created_at >= start)
+    if end is not None:
+        where.append(UsageRecord.created_at < end)
+    if model is not None:
+        where.append(UsageRecord.model == model)
+    return where

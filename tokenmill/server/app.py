@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 
 import tokenmill
+from tokenmill.server.admin_api import admin_router
 from tokenmill.server.auth import Authenticator
 from tokenmill.server.errors import install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, Metrics
@@ -91,6 +92,8 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
         return models.get(model_id).card(settings.created)
 
     app.include_router(v1)
+    app.include_router(admin_router(settings), dependencies=[Security(_bearer)],
+                       responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404)})
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():

@@ -76,6 +76,10 @@ def not_supported(param: str, what: str) -> APIError:
     return invalid_request(f"{what} is not supported yet", param, "unsupported_parameter")
 
 
+def not_found(message: str, param: str | None = None) -> APIError:
+    return APIError(404, message, INVALID_REQUEST, param, "not_found")
+
+
 def permission_denied(message: str, param: str | None = None) -> APIError:
     return APIError(403, message, INVALID_REQUEST, param, "permission_denied")
 

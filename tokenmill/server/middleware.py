@@ -50,7 +50,7 @@ class GuardMiddleware:
     async def _check(self, scope) -> APIError | None:
         headers = Headers(scope=scope)
         path = scope["path"]
-        if path == "/v1" or path.startswith("/v1/"):
+        if path in ("/v1", "/admin") or path.startswith(("/v1/", "/admin/")):
             try:
                 principal = await self.authenticate(headers.get("authorization"))
             except APIError as exc:

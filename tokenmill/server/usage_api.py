@@ -52,12 +52,14 @@ async def usage_of(ledger: Ledger | None, key_id: int | None, *, start: str | No
     except StoreUnavailable:
         raise unavailable("The usage ledger is unavailable; retry shortly.",
                           "store_unavailable") from None
-    return UsageList(data=[_record(e) for e in page.data],
+    return UsageList(data=[record_out(e) for e in page.data],
                      total_cost=pico_to_usd(page.total_cost_pico), has_more=page.has_more)
 
 
-def _record(entry: UsageEntry) -> UsageRecordOut:
-    return UsageRecordOut(id=entry.id, model=entry.model,
+def record_out(entry: UsageEntry, key: str | None = None) -> UsageRecordOut:
+    """One record as the API shows it; `key` (the key's name) on admin views."""
+    extra = {} if key is None else {"key": key}
+    return UsageRecordOut(id=entry.id, model=entry.model, **extra,
                           created=int(entry.created_at.timestamp()),
                           prompt_tokens=entry.prompt_tokens, cached_tokens=entry.cached_tokens,
                           completion_tokens=entry.completion_tokens,
