@@ -14,12 +14,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from tokenmill.catalog.pricing import pico_to_usd
-from tokenmill.platform.keys import UNSET, KeyInfo, KeyService
-from tokenmill.platform.ledger import MAX_PAGE, Ledger
+from tokenmill.platform.keys import UNSET, KeyInfo
 from tokenmill.platform.store import StoreUnavailable
 from tokenmill.server.errors import invalid_request, not_found, permission_denied, unavailable
 from tokenmill.server.state import ServerSettings
-from tokenmill.server.usage_api import parse_time, record_out
+from tokenmill.server.usage_api import parse_time, record_out, usage_page
 
 
 class KeyCreate(BaseModel):
@@ -68,9 +67,6 @@ def admin_router(settings: ServerSettings) -> APIRouter:
 
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
-    def services(request: Request) -> tuple[KeyService, Ledger]:
-        return settings.keys, settings.ledger
-
     async def run(call, *args, **kwargs):
         """`call` in a worker thread; its refusals as OpenAI errors."""
         try:
@@ -84,21 +80,21 @@ def admin_router(settings: ServerSettings) -> APIRouter:
                               "store_unavailable") from None
 
     @router.get("/keys")
-    async def list_keys(request: Request):
-        keys, _ = services(request)
+    async def list_keys():
+        keys = settings.keys
         return {"object": "list", "data": [key_out(i) for i in await run(keys.list)]}
 
     @router.post("/keys")
-    async def create_key(body: KeyCreate, request: Request):
-        keys, _ = services(request)
+    async def create_key(body: KeyCreate):
+        keys = settings.keys
         key, info = await run(keys.create, body.name, rpm=body.rpm, tpm=body.tpm,
                               budget_usd=_usd(body.budget), models=body.models,
                               expires=body.expires, admin=body.admin)
         return {"key": key, **key_out(info)}  # the only time the key is shown
 
     @router.patch("/keys/{name}")
-    async def change_key(name: str, body: KeyChange, request: Request):
-        keys, _ = services(request)
+    async def change_key(name: str, body: KeyChange):
+        keys = settings.keys
         given = body.model_fields_set
         changes = {field: getattr(body, field) if field in given else UNSET
                    for field in ("rpm", "tpm", "models")}
@@ -106,32 +102,22 @@ def admin_router(settings: ServerSettings) -> APIRouter:
         return key_out(await run(keys.update, name, **changes))
 
     @router.delete("/keys/{name}")
-    async def revoke_key(name: str, request: Request):
-        keys, _ = services(request)
+    async def revoke_key(name: str):
+        keys = settings.keys
         return key_out(await run(keys.revoke, name))
 
     @router.get("/usage")
-    async def all_usage(request: Request, start: str | None = None, end: str | None = None,
+    async def all_usage(start: str | None = None, end: str | None = None,
                         model: str | None = None, key: str | None = None, limit: int = 100,
                         after: str | None = None):
-        keys, ledger = services(request)
-        if not 1 <= limit <= MAX_PAGE:
-            raise invalid_request(f"limit must be between 1 and {MAX_PAGE}", "limit",
-                                  "invalid_value")
+        keys, ledger = settings.keys, settings.ledger
         ids = await run(keys.ids_by_name)
         if key is not None and key not in ids:
             raise not_found(f"no key named {key!r}", "key")
         key_id = None if key is None else ids[key]
         since, until = parse_time(start, "start"), parse_time(end, "end")
-        try:
-            page = await asyncio.to_thread(ledger.query, key_id, start=since, end=until,
-                                           model=model, limit=limit, after=after)
-        except KeyError:
-            raise invalid_request(f"after={after!r} is not a usage record of this selection",
-                                  "after", "invalid_value") from None
-        except StoreUnavailable:
-            raise unavailable("The usage ledger is unavailable; retry shortly.",
-                              "store_unavailable") from None
+        page = await usage_page(ledger, key_id, since=since, until=until, model=model,
+                                limit=limit, after=after)
         totals = await run(ledger.totals, start=since, end=until, model=model, key_id=key_id)
         id_names = {v: k for k, v in ids.items()}
         return {"object": "list", "data": [record_out(e, id_names.get(e.key_id))
