@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="the platform store (keys, usage): sqlite:///PATH or "
                             "postgresql://... (default: $TOKENMILL_DB, else "
                             "$TOKENMILL_HOME/tokenmill.db)")
+    serve.add_argument("--ledger-fail-open", action="store_true",
+                       help="while the store is unreachable, serve keys already seen and spool "
+                            "usage records to $TOKENMILL_HOME/usage-spool.jsonl (default: refuse "
+                            "requests with a 503)")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
@@ -218,6 +222,7 @@ def serve_command(args) -> int:
     from tokenmill.server.app import build_app
     from tokenmill.platform.keys import KeyService
     from tokenmill.platform.ledger import Ledger
+    from tokenmill.platform.spool import UsageSpool
     from tokenmill.platform.store import StoreUnavailable, open_store
     from tokenmill.server.auth import ensure_admin_key
     from tokenmill.server.state import ServerSettings
@@ -232,7 +237,7 @@ def serve_command(args) -> int:
 
     home = tokenmill_home()
     home.mkdir(parents=True, exist_ok=True)
-    keys = ledger = None
+    keys = ledger = spool = None
     if args.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
                     args.host, args.port)
@@ -241,6 +246,8 @@ def serve_command(args) -> int:
             store = open_store(args.db)
             keys, ledger = KeyService(store), Ledger(store)
             key = ensure_admin_key(keys, home)
+            spool = UsageSpool(home / "usage-spool.jsonl")
+            spool.replay(ledger)  # what an earlier run spooled through an outage
         except (StoreUnavailable, ValueError) as exc:
             print(f"tokenmill serve: {exc}", file=sys.stderr)
             return 2
@@ -253,7 +260,9 @@ def serve_command(args) -> int:
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    settings = ServerSettings(keys=keys, ledger=ledger, **_given(args, SERVER_OPTIONS))
+    settings = ServerSettings(keys=keys, ledger=ledger,
+                              spool=spool if ledger and args.ledger_fail_open else None,
+                              **_given(args, SERVER_OPTIONS))
     app = build_app(served, settings)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,

@@ -23,7 +23,8 @@ from sqlalchemy.exc import IntegrityError
 
 from tokenmill.catalog.pricing import PICO
 from tokenmill.platform.db import ApiKey, UsageRecord
-from tokenmill.platform.store import Store
+from tokenmill.platform.limits import Limits
+from tokenmill.platform.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class Principal:
     budget_pico: int | None  # spend cap in picodollars; None: unlimited
     models: tuple[str, ...] | None  # allowed model ids; None: all
     expires_at: datetime | None  # refused from then on (UTC)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.budget_pico)
 
 
 @dataclass(frozen=True)
@@ -196,9 +201,12 @@ class KeyService:
         if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
             stale = or_(ApiKey.last_used_at.is_(None),
                         ApiKey.last_used_at <= now - LAST_USED_RESOLUTION)
-            with self.store.write() as session:
-                session.execute(update(ApiKey).where(ApiKey.id == row.id, stale)
-                                .values(last_used_at=now))
+            try:
+                with self.store.write() as session:
+                    session.execute(update(ApiKey).where(ApiKey.id == row.id, stale)
+                                    .values(last_used_at=now))
+            except StoreUnavailable:
+                pass  # advisory: a store that reads but cannot write still vouches for the key
         return Principal(row.id, row.name, row.display, row.admin, row.rpm, row.tpm,
                          row.budget_pico, None if row.models is None else tuple(row.models),
                          row.expires_at)

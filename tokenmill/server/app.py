@@ -61,7 +61,7 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.models = models
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, authenticator=Authenticator(settings.keys),
+    app.add_middleware(GuardMiddleware, authenticator=Authenticator(settings.keys, state.outage),
                        state=state)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Security(_bearer)], responses=_ERRORS)

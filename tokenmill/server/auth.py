@@ -4,7 +4,7 @@ request (no cache: a key revoked or expired is refused on its next request).
 Keys are stored only as SHA-256 hashes (tokenmill/platform/keys.py); the key itself is shown once
 and never logged. The lookup is a database query, so it runs in a worker thread, never on the
 event loop. A store that cannot be reached refuses the request with a 503 (fail closed), logged
-once, not per request.
+once, not per request; with `--ledger-fail-open`, keys seen before the outage keep working.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
-from tokenmill.platform.keys import KeyService, Principal, display_key
+from tokenmill.platform.keys import KeyService, Principal, display_key, hash_key
 from tokenmill.platform.store import StoreUnavailable
-from tokenmill.server.errors import invalid_api_key, unavailable
+from tokenmill.server.errors import invalid_api_key
+from tokenmill.server.store_outage import StoreOutage
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,11 @@ def _write_private(path: Path, text: str) -> None:
 
 class Authenticator:
     """Resolve an `Authorization: Bearer <key>` header to a principal, or raise a 401 (a 503 when
-    the store is unreachable)."""
+    the store is unreachable and the key cannot be vouched for: see server/store_outage.py)."""
 
-    def __init__(self, keys: KeyService | None):
+    def __init__(self, keys: KeyService | None, outage: StoreOutage | None = None):
         self.keys = keys  # None: auth disabled (--no-auth)
-        self._store_down = False  # logged once per outage
+        self.outage = outage or StoreOutage(None)
 
     async def __call__(self, authorization: str | None) -> Principal | None:
         if self.keys is None:
@@ -69,15 +71,18 @@ class Authenticator:
         try:
             principal = await asyncio.to_thread(self.keys.authenticate, key)
         except StoreUnavailable as exc:
-            if not self._store_down:
-                log.error("the key store is unreachable, refusing requests: %s", exc)
-                self._store_down = True
-            raise unavailable("The key store is unavailable; retry shortly.",
-                              "store_unavailable") from None
-        if self._store_down:
-            log.info("the key store is reachable again")
-            self._store_down = False
+            refusal = self.outage.failed(exc, "key store")
+            principal = self.outage.known(hash_key(key)) if self.outage.fail_open else None
+            if principal is None or _expired(principal):
+                raise refusal from None
+            return principal
+        self.outage.reachable()
         if principal is None:
             shown = display_key(key) if len(key) > 12 else "***"
             raise invalid_api_key(f"Incorrect API key provided: {shown}.")
+        self.outage.remember(hash_key(key), principal)
         return principal
+
+
+def _expired(principal: Principal) -> bool:
+    return principal.expires_at is not None and principal.expires_at <= datetime.now(timezone.utc)

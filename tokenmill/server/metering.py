@@ -2,7 +2,9 @@
 
 `reserve` admits a generation request against the key's rpm, tpm and budget before it reaches
 the engine; `bill` writes the request's one ledger record (completed, aborted or error) before its
-last byte leaves and hands the reservation back with the true counts. Requests made without a key
+last byte leaves and hands the reservation back with the true counts. While the store is down,
+a server failing closed answers 503 and one failing open spools the records
+(server/store_outage.py). Requests made without a key
 (`--no-auth`) are neither limited nor recorded. Store work runs in worker threads.
 """
 
@@ -16,9 +18,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from tokenmill.platform.ledger import UsageEntry
-from tokenmill.platform.limits import Limits, RateLimited
+from tokenmill.platform.limits import RateLimited
 from tokenmill.platform.store import StoreUnavailable
-from tokenmill.server.errors import APIError, rate_limited, unavailable
+from tokenmill.server.errors import APIError, rate_limited
 from tokenmill.server.state import ServerSettings, ServerState
 from tokenmill.server.usage import UsageTally
 
@@ -40,17 +42,18 @@ class Metering:
         principal = getattr(raw.state, "principal", None)
         if principal is None or self.settings.ledger is None:
             return {}
-        limits = Limits(principal.rpm, principal.tpm, principal.budget_pico)
+        limits = principal.limits
         prompt = sum(len(ids) for ids in job.prompts)
         completion = len(job.prompts) * job.params.n * job.params.max_tokens
         most = job.model.entry.price.cost_pico(prompt, 0, completion)
-        spent = 0
+        spent = 0  # failing open through an outage: the limiter's own figure counts
         if limits.budget_pico is not None:
             try:
                 spent = await asyncio.to_thread(self.settings.ledger.spend, principal.key_id)
-            except StoreUnavailable:
-                raise unavailable("The usage ledger is unavailable; retry shortly.",
-                                  "store_unavailable") from None
+            except StoreUnavailable as exc:
+                refusal = self.state.outage.failed(exc, "usage ledger")
+                if not self.state.outage.fail_open:
+                    raise refusal from None
         limiter = self.state.limiter
         try:
             raw.state.reservation = limiter.reserve(principal.key_id, limits,
@@ -63,7 +66,7 @@ class Metering:
                    finish_reason: str | None, timing: dict) -> None:
         """Write the request's one usage record (when a key made it and the ledger is on), in a
         worker thread; shielded, so a request cancelled meanwhile is billed all the same. A
-        store that cannot take it is a 503."""
+        store that cannot take it is a 503 unless the server fails open."""
         principal = getattr(raw.state, "principal", None)
         if self.settings.ledger is None or principal is None:
             return
@@ -76,16 +79,32 @@ class Metering:
                            finish_reason=finish_reason, created_at=timing["arrival"],
                            finished_at=datetime.now(timezone.utc))
         try:
-            await asyncio.shield(asyncio.to_thread(self.settings.ledger.record, entry))
-        except StoreUnavailable as exc:
-            log.error("%s: usage record not written, the store is unavailable: %s", request_id,
-                      exc)
-            raise unavailable("The usage ledger is unavailable; retry shortly.",
-                              "store_unavailable") from None
+            await asyncio.shield(asyncio.to_thread(self._write, entry))
         finally:  # the reservation goes back once, with the true counts
             reservation = getattr(raw.state, "reservation", None)
             if reservation is not None:
                 self.state.limiter.finish(reservation, prompt + completion, entry.cost_pico)
+
+    def _write(self, entry: UsageEntry) -> None:
+        """In a worker thread: `entry` into the ledger, or into the spool when the store is down
+        and the server fails open (a 503 when it fails closed). Once the store takes a record
+        again, what the spool holds follows it."""
+        outage, spool, ledger = self.state.outage, self.settings.spool, self.settings.ledger
+        try:
+            ledger.record(entry)
+        except StoreUnavailable as exc:
+            refusal = outage.failed(exc, "usage ledger")
+            if spool is None:
+                log.error("%s: usage record not written, the store is unavailable", entry.id)
+                raise refusal from None
+            spool.append(entry)
+            return
+        outage.reachable()
+        if spool is not None and spool.pending():
+            try:
+                spool.replay(ledger)
+            except StoreUnavailable:
+                pass  # still spooled; the next record written tries again
 
     def release_unbilled(self, raw: Request) -> None:
         """A stream whose client left before its body started never reaches `bill`: give its

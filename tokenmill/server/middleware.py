@@ -1,5 +1,6 @@
 """The ASGI guard in front of every route: one log line per request, Bearer auth on /v1,
-503 while draining, and the request-body limit (413), all before the body is parsed.
+503 while draining, and the request-body limit (413), all before the body is parsed; on the way
+out, the caller's x-ratelimit-* headers on every response.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class GuardMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = self._with_rate_headers(scope, message)
             await send(message)
 
         try:
@@ -62,6 +64,19 @@ class GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return too_large(self.max_body)
         return None
+
+    def _with_rate_headers(self, scope, start: dict) -> dict:
+        """OpenAI's x-ratelimit-* headers on every response to a key with limits, unless the
+        route set its own (a generation request's, taken at its admission)."""
+        principal = scope.get("state", {}).get("principal")
+        if principal is None or any(name.startswith(b"x-ratelimit-")
+                                    for name, _ in start.get("headers", ())):
+            return start
+        rate = self.state.limiter.headers(principal.key_id, principal.limits)
+        if not rate:
+            return start
+        extra = [(name.encode(), value.encode()) for name, value in rate.items()]
+        return {**start, "headers": [*start.get("headers", ()), *extra]}
 
     def _limited(self, receive):
         """Count body bytes as they arrive (chunked uploads carry no Content-Length)."""

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
 from tokenmill.platform.limits import InProcessLimiter, Limiter
+from tokenmill.platform.spool import UsageSpool
 from tokenmill.server.errors import unavailable
+from tokenmill.server.store_outage import StoreOutage
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     keys: KeyService | None  # the platform's keys; None: auth disabled (--no-auth)
     ledger: Ledger | None = None  # one usage record per request made with a key
+    spool: UsageSpool | None = None  # --ledger-fail-open: records wait here while the store is down
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
     request_timeout_s: float = 600.0  # server-side deadline of one generation request
@@ -30,6 +33,7 @@ class ServerState:
         self.settings = settings
         self.draining = False  # set on SIGTERM: new generation requests get a 503
         self.limiter: Limiter = InProcessLimiter()  # this process's rpm, tpm and budgets
+        self.outage = StoreOutage(settings.spool)  # the store-down policy, logged once an outage
         self.in_flight = 0  # admitted generation requests not yet finished
 
     def admit(self) -> Ticket:
