@@ -541,6 +541,22 @@ async def test_a_tiny_budget_gives_one_success_then_insufficient_quota(client, k
     assert "retry-after" not in r.headers
 
 
+async def test_every_response_to_a_limited_key_carries_its_rate_headers(client, key_store):
+    key, _ = key_store.create("metered", rpm=7, tpm=1000)
+    as_key = {"Authorization": f"Bearer {key}"}
+    r = await client.get("/v1/models", headers=as_key)
+    assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"],
+            r.headers["x-ratelimit-reset-requests"]) == ("7", "7", "0s")
+    assert (r.headers["x-ratelimit-limit-tokens"],
+            r.headers["x-ratelimit-remaining-tokens"]) == ("1000", "1000")
+    assert (await post_as(client, key, max_tokens=2)).status_code == 200  # 19 + 2 tokens
+    r = await client.get("/v1/usage", headers=as_key)
+    assert (r.headers["x-ratelimit-remaining-requests"],
+            r.headers["x-ratelimit-remaining-tokens"]) == ("6", "979")
+    r = await client.get("/v1/models")  # the admin key has no limits: no headers
+    assert not any(name.startswith("x-ratelimit-") for name in r.headers)
+
+
 async def test_a_key_restricted_to_some_models_gets_403_on_the_others(client, key_store):
     key, _ = key_store.create("narrow", models=["org/other"])
     r = await post_as(client, key, max_tokens=2)
