@@ -1,6 +1,10 @@
-"""Shared fixtures: the real default model (loaded once per session) and a tiny random Llama."""
+"""Shared fixtures: the real default model (loaded once per session), a tiny random Llama, and a
+throwaway PostgreSQL database."""
 
 from __future__ import annotations
+
+import secrets
+import socket
 
 import pytest
 import torch
@@ -69,3 +73,46 @@ def tiny_checkpoint(tmp_path_factory, real_tokenizer):
         return made[family]
 
     return get
+
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/test"
+
+
+def _pg_reachable() -> bool:
+    try:
+        socket.create_connection((PG_HOST, PG_PORT), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def new_pg_database():
+    """A function making a fresh PostgreSQL database and returning its URL; all of them are
+    dropped when the session ends. Skips the test where PostgreSQL is unreachable."""
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT}")
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    made = []
+
+    def new() -> str:
+        name = f"tokenmill_test_{secrets.token_hex(6)}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+
+    yield new
+    with admin.connect() as conn:
+        for name in made:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database(new_pg_database):
+    """The URL of a fresh PostgreSQL database shared by the session."""
+    return new_pg_database()
