@@ -6,6 +6,11 @@ first token and inter-token latency seen by the clients. This is what the offlin
 (bench_offline.py) measures without HTTP, SSE and the step thread.
 
     .venv/bin/python benchmarks/bench_serve.py [--tokens 128] [--concurrency 16]
+
+With --compare-ledger: what keys and the usage ledger cost, as closed loops of 16 clients
+(--requests each, --tokens output tokens) without keys and with them on SQLite and PostgreSQL.
+
+    .venv/bin/python benchmarks/bench_serve.py --compare-ledger --tokens 32 --requests 8
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 
@@ -60,12 +70,99 @@ async def run_load(base_url: str, concurrency: int, tokens: int) -> dict:
     }
 
 
+async def closed_loop(base_url: str, key: str | None, clients: int, requests: int,
+                      tokens: int) -> dict:
+    """`clients` clients, each sending `requests` streams one after the other."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, headers=headers) as client:
+        await one_stream(client, PROMPTS[0], 4)  # warm-up
+
+        async def one_client(i: int) -> int:
+            made = 0
+            for turn in range(requests):
+                made += (await one_stream(client, PROMPTS[(i + turn) % len(PROMPTS)], tokens))[0]
+            return made
+
+        start = time.perf_counter()
+        made = await asyncio.gather(*[one_client(i) for i in range(clients)])
+        elapsed = time.perf_counter() - start
+    return {"tokens/s": sum(made) / elapsed, "requests/s": clients * requests / elapsed}
+
+
+def pg_database() -> tuple[str, object] | None:
+    """A throwaway PostgreSQL database at 127.0.0.1:5432 (its URL and a function dropping it),
+    or None where PostgreSQL is not reachable."""
+    from sqlalchemy import create_engine, exc, text
+
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                          isolation_level="AUTOCOMMIT")
+    name = f"tokenmill_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except exc.OperationalError:
+        return None
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return f"postgresql://postgres@127.0.0.1:5432/{name}", drop
+
+
+def compare_ledger(args, options: tuple[str, ...]) -> None:
+    """The same closed loop without keys (--no-auth: no auth, limiter or ledger) and with them
+    over SQLite and PostgreSQL (a key with rpm, tpm and a budget, so every request is admitted
+    by the limiter, reads its spend and writes its record), `args.rounds` rounds in turn."""
+    pg = pg_database()
+    stores = {"no keys, no ledger": None, "ledger on SQLite": "sqlite"}
+    if pg is not None:
+        stores["ledger on PostgreSQL"] = pg[0]
+    else:
+        print("PostgreSQL is not reachable at 127.0.0.1:5432: measuring SQLite only")
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for label, store in stores.items():
+                with tempfile.TemporaryDirectory() as home:
+                    db = f"sqlite:///{home}/tokenmill.db" if store == "sqlite" else store
+                    extra = ("--db", db) if db else ()
+                    with live_server(default_model_path(), home, *options, *extra,
+                                     auth=db is not None) as base_url:
+                        key = limited_key(home, db) if db else None
+                        figures = asyncio.run(closed_loop(base_url, key, args.concurrency,
+                                                          args.requests, args.tokens))
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+                print(f"round {round_}, {label}: {shown}", flush=True)
+    finally:
+        if pg is not None:
+            pg[1]()
+
+
+def limited_key(home: str, db: str) -> str:
+    """A key with limits far above the load (admission runs, never refuses)."""
+    tokenmill = Path(sys.executable).with_name("tokenmill")
+    done = subprocess.run([str(tokenmill), "keys", "create", "--name", "bench", "--rpm",
+                           "1000000", "--tpm", "1000000000", "--budget", "1000", "--db", db],
+                          env=dict(os.environ, TOKENMILL_HOME=home), check=True,
+                          capture_output=True, text=True)
+    return done.stdout.splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--compare-ledger", action="store_true",
+                        help="closed loops without and with keys and the usage ledger")
+    parser.add_argument("--requests", type=int, default=8,
+                        help="requests per client in --compare-ledger")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --compare-ledger")
     args = parser.parse_args()
     options = ("--max-model-len", "2048", "--kv-cache-gib", "1")
+    if args.compare_ledger:
+        compare_ledger(args, options)
+        return
     with tempfile.TemporaryDirectory() as home, \
             live_server(default_model_path(), home, *options) as base_url:
         for concurrency in (1, args.concurrency):

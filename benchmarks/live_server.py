@@ -22,14 +22,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(model: Path, home: str, *options: str) -> Iterator[str]:
-    """Start `tokenmill serve --no-auth` in TOKENMILL_HOME=home, wait for /health to answer 200,
-    yield the base URL; SIGTERM it on exit."""
+def live_server(model: Path, home: str, *options: str, auth: bool = False) -> Iterator[str]:
+    """Start `tokenmill serve` in TOKENMILL_HOME=home (with `--no-auth` unless `auth`: then keys
+    and the usage ledger are on, the admin key in home/admin.key), wait for /health to answer
+    200, yield the base URL; SIGTERM it on exit."""
     port = free_port()
     tokenmill = Path(sys.executable).with_name("tokenmill")
     proc = subprocess.Popen(
-        [str(tokenmill), "serve", "--model", str(model), "--port", str(port), "--no-auth",
-         *options],
+        [str(tokenmill), "serve", "--model", str(model), "--port", str(port),
+         *([] if auth else ["--no-auth"]), *options],
         env=dict(os.environ, TOKENMILL_HOME=home), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"

@@ -143,6 +143,9 @@ fractions = st.lists(st.integers(0, 4), min_size=CHOICES, max_size=CHOICES)  # o
 partial = st.lists(st.none() | st.integers(0, 3), min_size=CHOICES, max_size=CHOICES)  # None:
 # that choice produced no output before the request ended
 cached_fractions = st.lists(st.integers(0, 4), min_size=2, max_size=2)  # of each prompt
+# Every step happens this many seconds after the one before (the fake clock's step): mostly at
+# once, sometimes just inside or past the 60 s window of earlier requests.
+LATER = st.sampled_from([0, 0, 0, 0.5, 7.25, 30, 59.5, 60, 61, 125])
 
 
 class MeteringMachine(RuleBasedStateMachine):
@@ -219,10 +222,12 @@ class MeteringMachine(RuleBasedStateMachine):
             return "rate_limit_exceeded"  # a request larger than tpm included
         return None
 
-    @rule(target=requests, who=st.integers(0, 1), model=st.sampled_from(sorted(MODELS)),
+    @rule(target=requests, later=LATER, who=st.integers(0, 1),
+          model=st.sampled_from(sorted(MODELS)),
           prompt_lens=st.lists(st.integers(1, 12), min_size=1, max_size=2), n=st.integers(1, 2),
           max_tokens=st.integers(1, 24))
-    def reserve(self, who, model, prompt_lens, n, max_tokens):
+    def reserve(self, later, who, model, prompt_lens, n, max_tokens):
+        self.clock.now += later
         account = self.account(who)
         job = Job(MODELS[model], [list(range(3, 3 + k)) for k in prompt_lens],
                   SamplingParams(n=n, max_tokens=max_tokens), [""] * len(prompt_lens))
@@ -333,39 +338,48 @@ class MeteringMachine(RuleBasedStateMachine):
         if self.clock.now - pending.entry[0] < WINDOW_S:
             pending.entry[1] = 0  # in its window with nothing used
 
-    @rule(target=billed, pending=consumes(requests), produced=fractions, cached=cached_fractions)
-    def complete(self, pending, produced, cached):
+    @rule(target=billed, later=LATER, pending=consumes(requests), produced=fractions,
+          cached=cached_fractions)
+    def complete(self, later, pending, produced, cached):
+        self.clock.now += later
         self.bill(pending, "completed", produced, cached)
         return pending
 
-    @rule(target=billed, pending=consumes(requests), produced=partial, cached=cached_fractions)
-    def abort(self, pending, produced, cached):  # the client left: billed what was produced
+    @rule(target=billed, later=LATER, pending=consumes(requests), produced=partial,
+          cached=cached_fractions)
+    def abort(self, later, pending, produced, cached):  # the client left: billed what it got
+        self.clock.now += later
         self.bill(pending, "aborted", produced, cached)
         return pending
 
-    @rule(target=billed, pending=consumes(requests), produced=partial, cached=cached_fractions)
-    def fail(self, pending, produced, cached):  # the engine failed midway
+    @rule(target=billed, later=LATER, pending=consumes(requests), produced=partial,
+          cached=cached_fractions)
+    def fail(self, later, pending, produced, cached):  # the engine failed midway
+        self.clock.now += later
         self.bill(pending, "error", produced, cached)
         return pending
 
-    @rule(pending=billed, status=st.sampled_from(STATUSES), produced=fractions,
+    @rule(later=LATER, pending=billed, status=st.sampled_from(STATUSES), produced=fractions,
           cached=cached_fractions)
-    def retry(self, pending, status, produced, cached):
+    def retry(self, later, pending, status, produced, cached):
         """Billed again, at any later time, with any status and counts (a retried write, a second
         exit path), then its stream's on_close: neither changes anything."""
+        self.clock.now += later
         self.bill(pending, status, produced, cached)
         self.close(pending)
 
-    @rule(pending=consumes(requests))
-    def release_unused(self, pending):
+    @rule(later=LATER, pending=consumes(requests))
+    def release_unused(self, later, pending):
         """A stream whose client left before its body started: never billed, its reservation
         given back unused by on_close. (Such a request never reaches `bill`.)"""
+        self.clock.now += later
         self.close(pending)
 
-    @rule(who=st.integers(0, 1), tokens=st.integers(0, 100))
-    def another_replica_bills(self, who, tokens):
+    @rule(later=LATER, who=st.integers(0, 1), tokens=st.integers(0, 100))
+    def another_replica_bills(self, later, who, tokens):
         """Another server process writes a row for this key (then retries it): this limiter
         learns of it only from the ledger, when the key is idle and has a budget."""
+        self.clock.now += later
         account = self.account(who)
         rid = f"cmpl-{self.run_id}-replica-{next(self.serial)}"
         cost = cost_of(PRICES["m/flat"], 0, 0, tokens)
@@ -377,10 +391,6 @@ class MeteringMachine(RuleBasedStateMachine):
         account.spend += cost
         account.foreign += cost
         account.unseen += cost
-
-    @rule(dt=st.sampled_from([0.5, 1, 7.25, 30, 59.5, 60, 61, 125]))
-    def advance(self, dt):
-        self.clock.now += dt
 
     # ---- invariants ---------------------------------------------------------------------------
 
