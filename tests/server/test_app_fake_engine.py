@@ -482,6 +482,50 @@ async def test_every_response_has_one_usage_record_that_adds_up_to_what_it_repor
     assert [r["id"] for r in rest["data"]] == [streamed[0]["id"]]
 
 
+async def test_a_client_stalled_then_gone_is_billed_once_and_its_cost_counted_by_the_limiter(
+        engine, key_store, admin_key):
+    """The client stops reading (a `send` blocks) and then disconnects: Starlette cancels the
+    response outside the stream's generator. Its aborted record must be written and the limiter
+    must count its tokens and cost, before the response is done."""
+    key, _ = key_store.create("stalls", tpm=100_000, budget_usd="1")
+    _, app = make_client(engine, key_store)
+    body = json.dumps(chat_body(stream=True)).encode()
+    stalled = asyncio.Event()
+    sent = 0
+
+    async def send(message):
+        nonlocal sent
+        if message["type"] == "http.response.body":
+            sent += 1
+            if sent == 4:  # the role chunk and two tokens went out; the next send never returns
+                stalled.set()
+                await asyncio.Event().wait()
+
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await stalled.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path":
+             "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {key}".encode()),
+                         (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    records = Ledger(key_store.store).query(key_store.ids_by_name()["stalls"]).data
+    [record] = records
+    assert record.status == "aborted" and record.completion_tokens >= 2
+    held = app.state.server_state.limiter.usage(key_store.ids_by_name()["stalls"])
+    assert (held.open, held.reserved_pico) == (0, 0)
+    assert held.spent_pico == record.cost_pico
+    assert held.tokens == record.prompt_tokens + record.completion_tokens
+
+
 async def test_one_key_never_sees_another_keys_usage(client, engine, key_store):
     mine = (await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).json()
     other_key, _ = key_store.create("other")

@@ -33,8 +33,13 @@ def event(payload: BaseModel | dict, exclude: set[str] | None = None) -> bytes:
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends, even when the client left before
-    the body generator started (then the generator's own `finally` never runs)."""
+    """An SSE response that closes its body generator, then runs `on_close`, however it ends.
+
+    Order matters: when the client leaves while a `send` is blocked, Starlette cancels the
+    response outside the generator, which is left suspended at a `yield`. Closing it here runs
+    its own exit path (which bills what was produced) before `on_close`, deterministically, not
+    whenever the garbage collector gets to it; `on_close` also covers a client that left before
+    the generator started (then the generator's own `finally` never runs)."""
 
     def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
         super().__init__(with_error_events(chunks), media_type=MEDIA_TYPE, headers=HEADERS)
@@ -44,11 +49,15 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
 
 
 async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Pass `chunks` through; an exception becomes an error event, and `[DONE]` always ends it."""
+    """Pass `chunks` through; an exception becomes an error event, and `[DONE]` always ends it.
+    Closing this generator closes `chunks`."""
     try:
         async for chunk in chunks:
             yield chunk
@@ -57,4 +66,6 @@ async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
         if err.code == "internal_error" and not isinstance(exc, APIError):
             log.exception("error while streaming")
         yield event(err.body())
+    finally:
+        await chunks.aclose()
     yield DONE
