@@ -79,6 +79,10 @@ def test_serve_refuses_before_loading_anything(home, tiny_checkpoint, capsys):
     assert main(["serve", "--model", llama, "--device", "cpu", "--dtype", "float8"]) == 2
     assert "unknown dtype 'float8'" in capsys.readouterr().err
     assert not (home / "admin.key").exists()  # nothing was started
+    assert main(["serve", "--model", llama, "--max-key-share", "2"]) == 2
+    assert "max_key_share must be in (0, 1], not 2.0" in capsys.readouterr().err
+    assert main(["serve", "--model", llama, "--max-pending-sequences", "0"]) == 2
+    assert "max_pending_sequences must be >= 1, not 0" in capsys.readouterr().err
 
 
 class _FakeServer(ThreadingHTTPServer):

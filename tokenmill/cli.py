@@ -68,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, **opt)
     serve.add_argument("--request-timeout", type=float, dest="request_timeout_s", metavar="SECONDS",
                        help="server-side deadline of one request, seconds", **opt)
-    serve.add_argument("--max-pending", type=int, dest="max_pending_requests", metavar="N",
-                       help="requests in flight before new ones get a 503", **opt)
+    serve.add_argument("--max-pending-sequences", type=int, metavar="N",
+                       help="sequences (prompts x n) in flight before new requests get a 503",
+                       **opt)
+    serve.add_argument("--max-pending-tokens", type=int, metavar="N",
+                       help="their tokens (prompt + max_tokens) before new requests get a 503",
+                       **opt)
+    serve.add_argument("--max-key-share", type=float, metavar="FRACTION",
+                       help="of both, the most one API key may hold (past it: 429)", **opt)
     serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
                        help="on SIGTERM, seconds that in-flight requests get to finish", **opt)
     serve.add_argument("--log-level", default="info")
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 # ---- serve --------------------------------------------------------------------------------------
 
 ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
-SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_requests", "drain_timeout_s")
+SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences",
+                  "max_pending_tokens", "max_key_share", "drain_timeout_s")
 DEFAULT_KV_CACHE_GIB = 1.0  # per model, when --kv-cache-gib is not given
 
 
@@ -256,13 +263,17 @@ def serve_command(args) -> int:
                   flush=True)
 
     try:
+        settings = ServerSettings(keys=keys, ledger=ledger,
+                                  spool=spool if ledger and args.ledger_fail_open else None,
+                                  **_given(args, SERVER_OPTIONS))
+    except ValueError as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
+    try:
         served = load_models(resolved, shares, args)
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    settings = ServerSettings(keys=keys, ledger=ledger,
-                              spool=spool if ledger and args.ledger_fail_open else None,
-                              **_given(args, SERVER_OPTIONS))
     app = build_app(served, settings)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,

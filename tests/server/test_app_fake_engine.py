@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
 from tokenmill.platform.store import open_store
 from tokenmill.server.auth import ensure_admin_key
-from tokenmill.server.state import ServerSettings
+from tokenmill.server.state import Demand, ServerSettings
 
 MODEL = "fake-model"
 
@@ -349,7 +350,7 @@ async def test_body_limit_413(engine, key_store, admin_key):
 
 async def test_queue_full_and_draining_503(engine, key_store, admin_key):
     engine.delay = 0.05
-    c, app = make_client(engine, key_store, max_pending_requests=1)
+    c, app = make_client(engine, key_store, max_pending_sequences=1, max_key_share=1.0)
     async with c:
         c.headers["Authorization"] = f"Bearer {admin_key}"
         first = asyncio.create_task(c.post("/v1/chat/completions", json=chat_body()))
@@ -362,6 +363,115 @@ async def test_queue_full_and_draining_503(engine, key_store, admin_key):
         assert_error(await c.post("/v1/chat/completions", json=chat_body()), 503,
                      code="server_draining", type_="server_error")
         assert (await c.get("/health")).status_code == 503
+
+
+def completions(prompts: int, n: int, **body) -> dict:
+    return {"model": MODEL, "prompt": ["ab"] * prompts, "n": n, "max_tokens": 4, **body}
+
+
+async def test_admission_counts_sequences_not_requests(engine, key_store, admin_key):
+    engine.delay = 0.05
+    c, app = make_client(engine, key_store, max_pending_sequences=10, max_key_share=1.0)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        first = asyncio.create_task(c.post("/v1/completions", json=completions(4, 2)))
+        while app.state.server_state.held.sequences == 0:
+            await asyncio.sleep(0.005)
+        assert app.state.server_state.held.sequences == 8  # 4 prompts x n=2
+        r = await c.post("/v1/completions", json=completions(2, 2))  # 4 more: 12 > 10
+        assert_error(r, 503, code="server_overloaded", type_="server_error")
+        assert r.headers["retry-after"] == "1"
+        assert (await c.post("/v1/completions", json=completions(1, 2))).status_code == 200
+        assert (await first).status_code == 200
+    assert (app.state.server_state.held, app.state.server_state.in_flight) == (Demand(0, 0), 0)
+
+
+async def test_one_key_fanning_out_cannot_take_the_capacity_of_the_others(
+        engine, key_store, admin_key):
+    engine.delay = 0.05
+    other, _ = key_store.create("other")
+    c, app = make_client(engine, key_store, max_pending_sequences=16, max_key_share=0.5)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        r = await c.post("/v1/completions", json=completions(5, 2))  # 10 > the share of 8
+        err = assert_error(r, 429, code="rate_limit_exceeded", type_="requests")
+        assert "Request too large" in err["message"] and "retry-after" not in r.headers
+        fan = asyncio.create_task(c.post("/v1/completions", json=completions(4, 2)))
+        while app.state.server_state.held.sequences == 0:
+            await asyncio.sleep(0.005)
+        r = await c.post("/v1/completions", json=completions(1, 1))  # 9 > 8 for this key
+        assert_error(r, 429, code="rate_limit_exceeded", type_="requests")
+        assert r.headers["retry-after"] == "1"
+        r = await c.post("/v1/completions", json=completions(4, 2),
+                         headers={"Authorization": f"Bearer {other}"})
+        assert r.status_code == 200  # the other key still has its share
+        assert (await fan).status_code == 200
+
+
+async def test_overload_is_refused_before_any_tokenizing(engine, key_store, admin_key):
+    engine.delay = 0.05
+    c, app = make_client(engine, key_store, max_pending_sequences=1, max_key_share=1.0)
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        first = asyncio.create_task(c.post("/v1/chat/completions", json=chat_body()))
+        while app.state.server_state.in_flight == 0:
+            await asyncio.sleep(0.005)
+        encoded = engine.tokenizer.encode
+
+        def refuse_to_tokenize(*args, **kwargs):
+            raise AssertionError("a refused request was tokenized")
+
+        engine.tokenizer.encode = refuse_to_tokenize
+        r = await c.post("/v1/chat/completions", json=chat_body())
+        assert_error(r, 503, code="server_overloaded", type_="server_error")
+        engine.tokenizer.encode = encoded
+        assert (await first).status_code == 200
+
+
+async def test_the_deadline_covers_tokenizing(engine, key_store, admin_key):
+    c, app = make_client(engine, key_store, request_timeout_s=0.2)
+    encoded = engine.tokenizer.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(0.5)
+        return encoded(*args, **kwargs)
+
+    engine.tokenizer.encode = slow_encode
+    async with c:
+        c.headers["Authorization"] = f"Bearer {admin_key}"
+        r = await c.post("/v1/chat/completions", json=chat_body())
+        assert_error(r, 504, code="timeout", type_="server_error")
+    assert app.state.server_state.in_flight == 0 and engine.calls == []
+
+
+@pytest.mark.parametrize("body, param", [
+    (chat_body(messages=[{"role": "user", "content": "ok"},
+                         {"role": "user", "content": "bad \ud800"}]), "messages.1.content"),
+    ({"model": MODEL, "prompt": ["ok", "bad \udfff"]}, "prompt.1"),
+    ({"model": MODEL, "prompt": "\ud83d"}, "prompt"),
+])
+async def test_text_no_tokenizer_can_encode_is_a_400_naming_the_field(client, body, param):
+    raw = json.dumps(body).replace("\\\\u", "\\u")  # the JSON escape of a lone surrogate
+    r = await client.post("/v1/chat/completions" if "messages" in body else "/v1/completions",
+                          content=raw, headers={"content-type": "application/json"})
+    assert "not valid Unicode" in assert_error(r, 400, code="invalid_value", param=param)["message"]
+
+
+async def test_an_unexpected_error_is_a_500_naming_the_request_id_and_nothing_internal(
+        client, engine, caplog):
+    def broken(*args):
+        raise RuntimeError("secret internals")
+
+    engine.check_prompt = broken
+    r = await client.post("/v1/chat/completions", json=chat_body())
+    err = assert_error(r, 500, code="internal_error", type_="server_error")
+    request_id = r.headers["x-request-id"]
+    assert request_id.startswith("req_") and f"(request id {request_id})" in err["message"]
+    assert "secret" not in r.text
+    [logged] = [rec for rec in caplog.records if rec.exc_info]  # the traceback, once
+    assert request_id in logged.getMessage() and "secret internals" in caplog.text
+    other = (await client.get("/v1/models")).headers["x-request-id"]
+    assert other.startswith("req_") and other != request_id
 
 
 async def test_health_follows_engine(client, engine):

@@ -95,9 +95,13 @@ def too_large(limit: int) -> APIError:
                     INVALID_REQUEST, None, "request_too_large")
 
 
-def internal_error() -> APIError:
-    return APIError(500, "The server had an error while processing your request.",
-                    SERVER_ERROR, None, "internal_error")
+def internal_error(request_id: str | None = None) -> APIError:
+    """A 500 that says nothing of its cause; the request id lets the operator find the
+    traceback in the log."""
+    which = f" (request id {request_id})" if request_id else ""
+    return APIError(500, f"The server had an error while processing your request{which}. "
+                    "Retry, or report the request id if it keeps happening.", SERVER_ERROR, None,
+                    "internal_error")
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -167,13 +171,9 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("engine is dead: %s", exc)
         return to_api_error(exc).response()
 
-    # Each class by name: Starlette sends only a handler for Exception itself to its outermost
-    # middleware, which re-raises after responding.
+    # Each class by name. Any other exception reaches GuardMiddleware (server/middleware.py),
+    # which logs it once and answers the 500.
     for cls in (APIError, RequestValidationError, SamplingParamsError, PromptError,
                 EngineDeadError):
         app.add_exception_handler(cls, _mapped)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return to_api_error(exc).response()

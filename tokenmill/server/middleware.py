@@ -1,18 +1,20 @@
 """The ASGI guard in front of every route: one log line per request, Bearer auth on /v1,
 503 while draining, and the request-body limit (413), all before the body is parsed; on the way
-out, the caller's x-ratelimit-* headers on every response.
+out, the caller's x-ratelimit-* headers and an x-request-id on every response, and the one 500
+for any error no route handled.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from tokenmill.server.auth import Authenticator
-from tokenmill.server.errors import APIError, too_large, unavailable
+from tokenmill.server.errors import APIError, internal_error, too_large, unavailable
 from tokenmill.server.state import ServerState
 
 log = logging.getLogger("tokenmill.http")
@@ -30,12 +32,16 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         start = time.monotonic()
         status = 0
+        request_id = f"req_{uuid.uuid4().hex}"  # in the x-request-id header and a 500's body
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_logged(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = self._with_rate_headers(scope, message)
+                message["headers"] = [*message.get("headers", ()),
+                                      (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -44,10 +50,17 @@ class GuardMiddleware:
                 await error.response()(scope, receive, send_logged)
             else:
                 await self.app(scope, self._limited(receive), send_logged)
+        except Exception:
+            # Any error no route handled: its traceback logged once, here, with the request id,
+            # and a 500 that says nothing of it (if the response had not started yet).
+            log.exception("unhandled error on %s %s (request id %s)", scope["method"],
+                          scope["path"], request_id)
+            if not status:
+                await internal_error(request_id).response()(scope, receive, send_logged)
         finally:
             # Path only: never the query string, body, or any header (keys live there).
-            log.info("%s %s %s %.0fms", scope["method"], scope["path"], status or "-",
-                     (time.monotonic() - start) * 1000)
+            log.info("%s %s %s %.0fms %s", scope["method"], scope["path"], status or "-",
+                     (time.monotonic() - start) * 1000, request_id)
 
     async def _check(self, scope) -> APIError | None:
         headers = Headers(scope=scope)

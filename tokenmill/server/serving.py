@@ -32,13 +32,27 @@ from tokenmill.server.metering import Metering
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
-from tokenmill.server.state import ServerSettings, ServerState
-from tokenmill.server.streams import ClientDisconnected, guarded, merge
+from tokenmill.server.state import Demand, ServerSettings, ServerState
+from tokenmill.server.streams import ClientDisconnected, guarded, merge, within
 from tokenmill.server.usage import UsageTally
 
 log = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+# Admission bounds a chat prompt's tokens before rendering it: the template's own tokens (a
+# default system message, headers) are at most this much, plus this much per message.
+TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE = 64, 16
+
+
+def utf8_bytes(text: str, param: str) -> int:
+    """The UTF-8 length of `text`: a bound of its tokens under any byte-level tokenizer. Text
+    that is not valid Unicode (a lone surrogate from a JSON escape) is a 400 naming `param`: no
+    tokenizer can encode it."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise invalid_request(f"'{param}' is not valid Unicode: {exc.reason} at position "
+                              f"{exc.start}.", param, "invalid_value") from None
 
 
 def new_id(prefix: str) -> str:
@@ -169,18 +183,21 @@ class OpenAIServing(ABC):
     # ---- one request, from checks to the last byte ---------------------------------------------
 
     async def create(self, req, raw: Request):
+        timing = {"start": time.monotonic(), "arrival": datetime.now(timezone.utc)}
         model = self.check_request(req)
         principal = getattr(raw.state, "principal", None)
         if principal is not None and principal.models is not None \
                 and model.id not in principal.models:
             raise permission_denied(f"This API key may not use the model `{model.id}`.", "model")
         self.check_supported(req)
-        # Off the event loop: tokenizing a long prompt must not stall other streams.
-        job = await asyncio.to_thread(self.prepare, model, req)
-        request_id = new_id(self.id_prefix)
-        ticket = self.state.admit()
-        timing = {"start": time.monotonic(), "arrival": datetime.now(timezone.utc)}
+        # Admitted by what it will hold before any tokenizing: shedding load costs nothing.
+        ticket = self.state.admit(self.demand(req), principal and principal.key_id)
         try:
+            # Off the event loop: tokenizing a long prompt must not stall other streams. The
+            # deadline runs from arrival, so it covers this too.
+            job = await within(asyncio.to_thread(self.prepare, model, req),
+                               self.remaining(timing), self.settings.request_timeout_s)
+            request_id = new_id(self.id_prefix)
             headers = await self.metering.reserve(job, raw)
         except BaseException:
             ticket.release()
@@ -209,7 +226,7 @@ class OpenAIServing(ABC):
         finish: list[str | None] = [None] * job.num_choices
         tally = UsageTally()
         try:
-            async for p, out in self.generate(job, request_id, raw):
+            async for p, out in self.generate(job, request_id, raw, timing):
                 self.observe(job.model.id, out, timing, time.monotonic())
                 tally.add(out)
                 c = job.choice(p, out.index)
@@ -254,7 +271,7 @@ class OpenAIServing(ABC):
         try:
             for opening in self.opening_choices(job.num_choices):
                 yield event([opening])
-            async for p, out in self.generate(job, request_id, raw):
+            async for p, out in self.generate(job, request_id, raw, timing):
                 self.observe(job.model.id, out, timing, time.monotonic())
                 tally.add(out)
                 c = job.choice(p, out.index)
@@ -286,7 +303,21 @@ class OpenAIServing(ABC):
             if not billed:
                 await self.metering.bill_quietly(job, request_id, raw, tally, "error", None, timing)
 
+    def max_tokens_bound(self, req) -> int:
+        """The most tokens one sequence of `req` may generate (sampling_params clamps it)."""
+        asked = req.requested_max_tokens
+        return max(self.settings.default_max_tokens, req.min_tokens) if asked is None else asked
+
+    def remaining(self, timing: dict) -> float:
+        """Seconds left of the request's deadline, which runs from its arrival."""
+        return timing["start"] + self.settings.request_timeout_s - time.monotonic()
+
     # ---- what each endpoint supplies ----------------------------------------------------------
+
+    @abstractmethod
+    def demand(self, req) -> Demand:
+        """What the request will hold in flight (sequences, a bound of their tokens), from the
+        body alone: no tokenizing, no template."""
 
     @abstractmethod
     def check_supported(self, req) -> None:
@@ -327,8 +358,8 @@ class OpenAIServing(ABC):
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def generate(self, job: Job, request_id: str,
-                 raw: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def generate(self, job: Job, request_id: str, raw: Request,
+                 timing: dict) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt number, output) for every output of every prompt of the job, from its model's
         engine (engine ids `request_id`, or `request_id-<p>` for several prompts), guarded against
         hang-ups and the deadline."""
@@ -337,7 +368,7 @@ class OpenAIServing(ABC):
             [f"{request_id}-{p}" for p in range(len(prompts))]
         gens = [_tagged(p, engine.generate(prompts[p], job.params, ids[p]))
                 for p in range(len(prompts))]
-        return guarded(merge(gens), raw, self.settings.request_timeout_s)
+        return guarded(merge(gens), raw, self.remaining(timing), self.settings.request_timeout_s)
 
     def observe(self, model_id: str, out: RequestOutput, timing: dict, now: float) -> None:
         """Feed metrics: TTFT on the request's first token, ITL between a choice's outputs, and

@@ -11,7 +11,9 @@ from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCh
                                        ChatCompletionChunk, ChatCompletionRequest,
                                        ChatCompletionResponse, ChoiceLogprobs, OtherPart,
                                        TokenLogprob, TopLogprob, Usage)
-from tokenmill.server.serving import Job, OpenAIServing, clean_logprob
+from tokenmill.server.serving import (TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE, Job,
+                                      OpenAIServing, clean_logprob, utf8_bytes)
+from tokenmill.server.state import Demand
 
 
 class ChatServing(OpenAIServing):
@@ -32,6 +34,12 @@ class ChatServing(OpenAIServing):
                     if isinstance(part, OtherPart):
                         raise not_supported(f"messages.{i}.content.{j}.type",
                                             f"content part type {part.type!r}")
+
+    def demand(self, req: ChatCompletionRequest) -> Demand:
+        prompt = TEMPLATE_TOKENS + sum(
+            TEMPLATE_TOKENS_PER_MESSAGE + utf8_bytes(m.text(), f"messages.{i}.content")
+            for i, m in enumerate(req.messages))
+        return Demand(req.n, req.n * (prompt + self.max_tokens_bound(req)))
 
     def prepare(self, model: ServedModel, req: ChatCompletionRequest) -> Job:
         prompt = self.render(model, req)

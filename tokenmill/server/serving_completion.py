@@ -11,7 +11,8 @@ from tokenmill.server.errors import not_supported
 from tokenmill.server.models import ServedModel
 from tokenmill.server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                                        CompletionRequest, CompletionResponse, Usage)
-from tokenmill.server.serving import Job, OpenAIServing, clean_logprob
+from tokenmill.server.serving import Job, OpenAIServing, clean_logprob, utf8_bytes
+from tokenmill.server.state import Demand
 
 
 class CompletionServing(OpenAIServing):
@@ -25,6 +26,18 @@ class CompletionServing(OpenAIServing):
             raise not_supported("best_of", "best_of other than n")
         if req.echo and req.logprobs is not None:
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
+
+    def demand(self, req: CompletionRequest) -> Demand:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [utf8_bytes(p, "prompt")]
+        elif isinstance(p[0], str):
+            prompts = [utf8_bytes(text, f"prompt.{i}") for i, text in enumerate(p)]
+        else:  # token ids: their count
+            prompts = [len(p)] if isinstance(p[0], int) else [len(ids) for ids in p]
+        prompt_tokens = sum(prompts) + len(prompts)  # + a BOS each
+        sequences = len(prompts) * req.n
+        return Demand(sequences, req.n * prompt_tokens + sequences * self.max_tokens_bound(req))
 
     def prepare(self, model: ServedModel, req: CompletionRequest) -> Job:
         """Token ids of each prompt, checked; with `echo`, the client's own string before its

@@ -9,7 +9,7 @@ abort path, used for hang-ups, deadlines and shutdown alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -37,11 +37,26 @@ async def _cancel_and_wait(task: asyncio.Future | None) -> None:
         await asyncio.wait([task])
 
 
-async def guarded(items: AsyncIterator[T], raw: Request, timeout_s: float) -> AsyncIterator[T]:
+def deadline_exceeded(timeout_s: float) -> APIError:
+    return APIError(504, f"The request did not finish within {timeout_s:g} s.", SERVER_ERROR,
+                    None, "timeout")
+
+
+async def within(work: Awaitable[T], remaining_s: float, timeout_s: float) -> T:
+    """`work`'s result, or a 504 once `remaining_s` of the request's `timeout_s` have passed."""
+    try:
+        return await asyncio.wait_for(work, max(0.0, remaining_s))
+    except TimeoutError:
+        raise deadline_exceeded(timeout_s) from None
+
+
+async def guarded(items: AsyncIterator[T], raw: Request, remaining_s: float,
+                  timeout_s: float) -> AsyncIterator[T]:
     """Yield from `items` until it ends; raise ClientDisconnected on a hang-up and a 504
-    APIError at the deadline. `items` is closed (so the engine aborts) on every early exit."""
+    APIError once `remaining_s` (of the request's `timeout_s`) have passed. `items` is closed
+    (so the engine aborts) on every early exit."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    deadline = loop.time() + remaining_s
     disconnect = asyncio.ensure_future(wait_for_disconnect(raw))
     nxt: asyncio.Future | None = None
     try:
@@ -59,8 +74,7 @@ async def guarded(items: AsyncIterator[T], raw: Request, timeout_s: float) -> As
             elif disconnect in done:
                 raise ClientDisconnected()
             else:
-                raise APIError(504, f"The request did not finish within {timeout_s:g} s.",
-                               SERVER_ERROR, None, "timeout")
+                raise deadline_exceeded(timeout_s)
     finally:
         await _cancel_and_wait(nxt)
         disconnect.cancel()
