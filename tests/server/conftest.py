@@ -19,7 +19,7 @@ def server(default_model_path, tmp_path_factory):
     running = start_server(home, [
         "--model", str(default_model_path), "--max-model-len", str(MAX_MODEL_LEN),
         "--max-body-bytes", str(MAX_BODY_BYTES), "--kv-cache-gib", "0.25",
-        "--drain-timeout", "20"])
+        "--drain-timeout", "20", "--max-pending-sequences", "1024"])
     yield running
     stop_server(running)
 

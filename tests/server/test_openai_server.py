@@ -445,6 +445,42 @@ def test_single_hangup_aborts_at_once(server, stream):
     assert wait_idle(server, timeout=5) < 2.0
 
 
+async def test_a_burst_of_fanned_out_calls_is_shed_without_a_5xx_and_health_stays_200(server):
+    """20 simultaneous /v1/completions calls of 64 prompts x n=8 (10,240 sequences, ten times
+    the server's capacity of 1024, whose key share is 512: one call at a time): each is served or
+    refused with a 429, /health answers 200 all along, and a normal request is served once the
+    burst has drained."""
+    body = {"model": MODEL_ID, "prompt": ["Hi"] * 64, "n": 8, "max_tokens": 2, "temperature": 0}
+    headers = {"Authorization": f"Bearer {server.key}"}
+    health: list[int] = []
+
+    async with httpx.AsyncClient(base_url=server.v1, headers=headers, timeout=300) as http:
+        async def watch_health(done: asyncio.Event) -> None:
+            async with httpx.AsyncClient(timeout=10) as probe:
+                while not done.is_set():
+                    health.append((await probe.get(server.base_url + "/health")).status_code)
+                    await asyncio.sleep(0.2)
+
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch_health(done))
+        answers = await asyncio.gather(*(http.post("/completions", json=body)
+                                         for _ in range(20)))
+        done.set()
+        await watcher
+        statuses = sorted(r.status_code for r in answers)
+        assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+        for r in answers:
+            if r.status_code == 200:
+                assert len(r.json()["choices"]) == 512
+            else:
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert health and set(health) == {200}
+        normal = await http.post("/chat/completions", json={
+            "model": MODEL_ID, "messages": MESSAGES, "max_tokens": 3})
+        assert normal.status_code == 200
+    await asyncio.to_thread(wait_idle, server)
+
+
 # ---- logs and shutdown (last: the drain test stops the server) ----------------------------------
 
 
