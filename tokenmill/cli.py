@@ -1,5 +1,6 @@
 """The `tokenmill` command: `serve` models behind an OpenAI-compatible API, `pull` a model from
-the Hugging Face Hub, list the catalog with `models`, manage API keys with `keys`."""
+the Hugging Face Hub, list the catalog with `models`, manage API keys with `keys`, check a
+running server with `health`."""
 
 from __future__ import annotations
 
@@ -98,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--catalog", type=Path, metavar="FILE", help="catalog file overriding "
                                                                     "the shipped catalog")
     models.set_defaults(run=models_command)
+
+    health = sub.add_parser("health", help="exit 0 if the server answers /health with 200, "
+                                           "else 1 (for container healthchecks)")
+    health.add_argument("--url", default=DEFAULT_URL,
+                        help=f"the server to check (default: {DEFAULT_URL})")
+    health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    health.set_defaults(run=health_command)
 
     add_keys_parser(sub)
 
@@ -330,6 +338,20 @@ def models_command(args) -> int:
         return 1
     print(format_models(catalog, *served_models(args.url)))
     return 0
+
+
+def health_command(args) -> int:
+    """One line: the server's /health status, or why there was none; 0 only for a 200."""
+    url = args.url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            print(f"{url}: {response.status} {response.read().decode(errors='replace')}")
+            return 0 if response.status == 200 else 1
+    except urllib.error.HTTPError as exc:
+        print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}")
+    except OSError as exc:
+        print(f"{url}: unreachable ({exc})")
+    return 1
 
 
 def served_models(url: str) -> tuple[str, list[str] | None, str | None]:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -264,6 +265,26 @@ def test_usage_chunk_and_headers(server, http):
                                                 u["completion_tokens"] * 0.04e-6)
     assert u["prompt_tokens_details"]["cached_tokens"] > 0  # same prompt: prefix cache hit
     assert full["system_fingerprint"].startswith("fp_")
+
+
+def test_the_container_healthcheck_passes_on_a_live_server_and_fails_without_one(server):
+    dockerfile = (Path(__file__).parents[2] / "deploy" / "Dockerfile").read_text()
+    [line] = [line for line in dockerfile.splitlines() if line.strip().startswith("CMD [")
+              and "health" in line]
+    command = json.loads(line.strip()[len("CMD "):])
+    assert command[:2] == ["tokenmill", "health"]
+    url = command.index("--url") + 1
+
+    def run(base_url: str) -> subprocess.CompletedProcess:
+        args = tokenmill_command() + command[1:url] + [base_url] + command[url + 1:]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+    ok = run(server.base_url)
+    assert ok.returncode == 0 and ok.stdout.startswith(f"{server.base_url}/health: 200")
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        gone = run(f"http://127.0.0.1:{closed.getsockname()[1]}")
+    assert gone.returncode == 1 and "unreachable" in gone.stdout
 
 
 def test_models_health_metrics_docs(server, client):
