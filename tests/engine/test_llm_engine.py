@@ -41,7 +41,7 @@ def make_engine(loaded, path, **options) -> LLMEngine:
 
 def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]],
         late: dict[int, dict] | None = None) -> dict[str, dict]:
-    """Step until done; `late[k]` requests join after step k. Checks block integrity each step."""
+    """Step until done; `late[k]` requests join after step k. Checks integrity each step."""
     results: dict[str, dict] = {}
 
     def add(batch):
@@ -62,7 +62,7 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
             r["cached"] = out.num_cached_tokens
             if out.finished:
                 r["finish"], r["stop_reason"] = out.finish_reason, out.stop_reason
-        engine.scheduler.block_manager.check_integrity()
+        engine.check_integrity()
         step += 1
     assert engine.scheduler.kv_cache_usage == 0.0
     return results

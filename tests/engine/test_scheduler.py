@@ -76,7 +76,7 @@ def step(sched: Scheduler, model: FakeModel):
     assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
     assert sched.num_running <= sched.config.max_num_seqs
     updated = sched.update_from_output(out, model.execute(out))
-    sched.block_manager.check_integrity()
+    sched.check_integrity()
     return out, updated
 
 
@@ -267,7 +267,7 @@ def test_abort_at_any_moment_frees_everything(moment):
     model = FakeModel(sched)
     victim, other = bring(sched, model)
     sched.finish_requests(["v", "unknown"], RequestStatus.FINISHED_ABORTED)
-    sched.block_manager.check_integrity()
+    sched.check_integrity()
     assert victim.status == RequestStatus.FINISHED_ABORTED and victim.block_ids == []
     assert victim not in sched.running and victim not in sched.waiting
     sched.finish_requests("v", RequestStatus.FINISHED_ABORTED)  # twice is harmless
@@ -287,7 +287,7 @@ def test_abort_between_schedule_and_update_is_skipped():
     runner_out = model.execute(out)
     sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
     assert sched.update_from_output(out, runner_out) == [b]
-    sched.block_manager.check_integrity()
+    sched.check_integrity()
     assert a.output_token_ids == [] and len(b.output_token_ids) == 1
 
 
@@ -457,7 +457,7 @@ def test_abort_of_a_windowed_request_frees_only_its_real_blocks():
         step(sched, model)
     assert a.block_ids == [N, 1, 2]
     sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
-    sched.block_manager.check_integrity()
+    sched.check_integrity()
     assert list(sched.block_manager.free_queue) == [2, 3, 4, 5, 6, 7, 0, 1]
     assert a.block_ids == [] and sched.kv_cache_usage == 0.0
 

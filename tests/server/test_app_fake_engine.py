@@ -414,7 +414,7 @@ async def test_overload_is_refused_before_any_tokenizing(engine, key_store, admi
     async with c:
         c.headers["Authorization"] = f"Bearer {admin_key}"
         first = asyncio.create_task(c.post("/v1/chat/completions", json=chat_body()))
-        while app.state.server_state.in_flight == 0:
+        while not engine.calls:  # tokenized and generating
             await asyncio.sleep(0.005)
         encoded = engine.tokenizer.encode
 

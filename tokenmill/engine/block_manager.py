@@ -194,6 +194,11 @@ class BlockManager:
             assert request.block_ids[:num_null] == [NULL_BLOCK] * num_null
             assert num_null <= self._num_skipped_blocks(request.num_computed_tokens)
             assert request.num_computed_tokens <= len(request.block_ids) * self.block_size
+            # The prefix cache agrees with its users: a hashed block a request holds at
+            # position i caches that request's own prefix up to block i.
+            for i, block_id in enumerate(request.block_ids[num_null:], start=num_null):
+                if (block_hash := self.blocks[block_id].block_hash) is not None:
+                    assert request.block_hashes[i] == block_hash, block_id
 
     def _num_skipped_blocks(self, num_computed: int) -> int:
         """Blocks wholly before the window of a query at position `num_computed`."""

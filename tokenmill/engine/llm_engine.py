@@ -6,6 +6,15 @@
 
 It is driven by one thread only (the offline LLM, or AsyncLLM's step thread); nothing in it is
 thread-safe, by design.
+
+A step that raises after scheduling costs the user requests it ran, not the engine: each of their
+unfinished choices gets a final output with finish_reason "error", their blocks are freed, and
+the engine checks its invariants before serving on. This is sound because a step writes K/V only
+at positions >= each scheduled request's num_computed_tokens, i.e. into blocks that request
+alone holds and that are not in the prefix cache yet (a prefix hit and a sibling's shared prompt
+blocks are full, computed blocks before those positions); and a block is hashed only once the
+forward that filled it has finished. So the failed requests' blocks go back to the free queue
+holding nothing anyone reads, and the other requests' state is untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import torch
 from tokenmill.config import EngineConfig, resolve_device, resolve_dtype
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request import FINISH_REASONS, Request, RequestStatus, choice_id
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.models.loader import LoadedModel, load_weights, open_model
 from tokenmill.runner.model_runner import ModelRunner, kv_bytes_per_token
@@ -87,38 +96,77 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
-        """Queue one user request; n > 1 fans out into n choices sharing the prompt's blocks."""
+        """Queue one user request; n > 1 fans out into n choices sharing the prompt's blocks.
+        All or nothing: if it raises, nothing of the request stays in the engine."""
         if self.output_processor.has_group(request_id):
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_prompt(prompt_token_ids, params)
         first: Request | None = None
         choices = []
         for index in range(params.n):
-            engine_id = request_id if params.n == 1 else f"{request_id}-{index}"
-            req = Request(engine_id, list(prompt_token_ids), params, group_id=request_id,
-                          index=index, prefix_source=first)
+            req = Request(choice_id(request_id, index), list(prompt_token_ids), params,
+                          group_id=request_id, index=index, prefix_source=first)
             first = first or req
             choices.append(req)
         self.output_processor.add(choices)
-        for req in choices:
-            self.scheduler.add_request(req)
+        queued: list[str] = []
+        try:
+            for req in choices:
+                self.scheduler.add_request(req)
+                queued.append(req.request_id)
+        except BaseException:
+            self.scheduler.finish_requests(queued, RequestStatus.FINISHED_ABORTED)
+            self.output_processor.remove(request_id)
+            raise
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Abort every unfinished choice of a user request; returns their final outputs."""
-        ids = self.output_processor.unfinished_ids(request_id)
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        return self.output_processor.abort(ids)
+        return self._end(request_id, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns its outputs. If it fails after scheduling, the user requests it
+        ran are ended (see the module docstring) and their final "error" outputs returned: only
+        a failed step returns outputs with finish_reason "error", and it returns at least one.
+        A failure of the scheduler itself, or of that recovery, propagates: the engine's state
+        is then unknown and it must not be stepped again."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
-        runner_out = self.runner.execute(sched_out)
-        updated = self.scheduler.update_from_output(sched_out, runner_out)
-        outputs, stopped = self.output_processor.process(updated, runner_out)
-        if stopped:  # stop strings end requests after the scheduler has seen the token
-            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        try:
+            runner_out = self.runner.execute(sched_out)
+            updated = self.scheduler.update_from_output(sched_out, runner_out)
+            outputs, stopped = self.output_processor.process(updated, runner_out)
+            if stopped:  # stop strings end requests after the scheduler has seen the token
+                self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        except Exception:
+            group_ids = list(dict.fromkeys(s.request.group_id for s in sched_out.scheduled))
+            log.exception("a step failed; ending the %d requests it ran: %s", len(group_ids),
+                          ", ".join(group_ids))
+            return self._fail(group_ids)
+        self.output_processor.commit(outputs)
         return outputs
+
+    def _fail(self, group_ids: list[str]) -> list[RequestOutput]:
+        """End the user requests of a failed step, drop the runner's per-request state, and
+        check that the engine is consistent again."""
+        outputs = [out for group_id in group_ids
+                   for out in self._end(group_id, RequestStatus.FINISHED_ERROR)]
+        self.runner.reset_request_state()
+        self.check_integrity()
+        return outputs
+
+    def _end(self, group_id: str, status: RequestStatus) -> list[RequestOutput]:
+        """End every unfinished choice of a user request with `status`; their final outputs."""
+        ids = self.output_processor.unfinished_ids(group_id)
+        self.scheduler.finish_requests(ids, status)
+        return self.output_processor.end(ids, FINISH_REASONS[status])
+
+    def check_integrity(self) -> None:
+        """Assert the engine's invariants between steps: the scheduler's and its blocks' and
+        prefix cache's, and that the output processor's unfinished choices are exactly the
+        scheduler's requests."""
+        self.scheduler.check_integrity()
+        self.output_processor.check_integrity(self.scheduler.requests)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

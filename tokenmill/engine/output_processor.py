@@ -3,6 +3,11 @@
 For every request that got a token this step it detokenizes incrementally, looks for stop strings
 across token boundaries, and builds the RequestOutput delta that the front end streams. It owns the
 per-request text state; the scheduler owns everything else about a request.
+
+A choice is `done` once the engine has returned its final RequestOutput: `process` only builds
+outputs, and LLMEngine `commit`s them when the whole step has succeeded, so a step that fails
+part-way leaves every choice it touched not done, to be ended by `end`. A group is forgotten
+when all its choices are done.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class _TextState:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     num_emitted_tokens: int = 0  # output tokens already turned into a RequestOutput
-    done: bool = False  # its final RequestOutput was produced
+    done: bool = False  # its final RequestOutput was returned by the engine
 
 
 class OutputProcessor:
@@ -31,16 +36,24 @@ class OutputProcessor:
         self._groups: dict[str, list[str]] = {}  # user request id -> its choices' engine ids
 
     def add(self, requests: list[Request]) -> None:
-        """Register the choices of one user request (all share a group_id)."""
-        for req in requests:
-            params = req.sampling_params
-            self._states[req.request_id] = _TextState(
+        """Register the choices of one user request (all share a group_id), in index order; all
+        or nothing: every state is built before any is registered."""
+        states = {
+            req.request_id: _TextState(
                 req,
                 IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                       params.skip_special_tokens),
-                StopStringMatcher(params.stop),
+                                       req.sampling_params.skip_special_tokens),
+                StopStringMatcher(req.sampling_params.stop),
             )
-        self._groups[requests[0].group_id] = [r.request_id for r in requests]
+            for req in requests
+        }
+        self._states.update(states)
+        self._groups[requests[0].group_id] = list(states)
+
+    def remove(self, group_id: str) -> None:
+        """Forget a group and its choices' states, done or not."""
+        for rid in self._groups.pop(group_id):
+            del self._states[rid]
 
     def has_group(self, group_id: str) -> bool:
         return group_id in self._groups
@@ -54,7 +67,8 @@ class OutputProcessor:
         """Turn this step's new tokens into outputs.
 
         Returns the outputs and the ids of requests that a stop string just finished: the caller
-        must finish those in the scheduler (their outputs already say finish_reason "stop").
+        must finish those in the scheduler (their outputs already say finish_reason "stop"), then
+        `commit` the outputs.
         """
         logprobs_by_id = dict(zip(runner_output.request_ids, runner_output.logprobs))
         outputs, stopped = [], []
@@ -68,14 +82,33 @@ class OutputProcessor:
             outputs.append(out)
         return outputs, stopped
 
-    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        """Final outputs for aborted requests (their held-back text is dropped)."""
+    def commit(self, outputs: list[RequestOutput]) -> None:
+        """Mark the choices whose final output is in `outputs` done, once their step succeeded."""
+        for out in outputs:
+            if out.finished:
+                self._done(self._states[self._groups[out.request_id][out.index]])
+
+    def end(self, request_ids: list[str], finish_reason: str) -> list[RequestOutput]:
+        """Final outputs for requests ended from outside, as `finish_reason` ("abort": the client
+        left; "error": a step failed); their held-back text is dropped."""
         outputs = []
         for rid in request_ids:
             state = self._states.get(rid)
             if state is not None and not state.done:
-                outputs.append(self._finish(state, "", [], [], "abort", None))
+                outputs.append(self._output(state, "", [], [], finish_reason, None))
+                self._done(state)
         return outputs
+
+    def check_integrity(self, unfinished: dict[str, Request]) -> None:
+        """Assert that the choices not done are exactly `unfinished` (the scheduler's requests),
+        and that every state belongs to the one group that lists it."""
+        assert {rid: s.request for rid, s in self._states.items() if not s.done} == unfinished
+        listed = [rid for ids in self._groups.values() for rid in ids]
+        assert sorted(listed) == sorted(self._states)
+        for group_id, ids in self._groups.items():
+            assert [self._states[rid].request.index for rid in ids] == list(range(len(ids)))
+            assert all(self._states[rid].request.group_id == group_id for rid in ids)
+            assert not all(self._states[rid].done for rid in ids)
 
     def _make_output(self, state: _TextState, logprobs: TokenLogprobs | None) -> RequestOutput:
         req = state.request
@@ -89,23 +122,19 @@ class OutputProcessor:
         logprob_list = [logprobs] if logprobs is not None else []
         if matched is not None:
             req.stop_reason = matched
-            return self._finish(state, text, new_ids, logprob_list, "stop", matched)
+            return self._output(state, text, new_ids, logprob_list, "stop", matched)
         if req.is_finished:  # release text held back for a partial character or stop string
             text += state.stop_matcher.feed(state.detokenizer.flush())[0]
             text += state.stop_matcher.flush()
-            return self._finish(state, text, new_ids, logprob_list, req.finish_reason,
+            return self._output(state, text, new_ids, logprob_list, req.finish_reason,
                                 req.stop_reason)
         return self._output(state, text, new_ids, logprob_list, None, None)
 
-    def _finish(self, state, text, new_ids, logprobs, finish_reason, stop_reason):
+    def _done(self, state: _TextState) -> None:
         state.done = True
-        out = self._output(state, text, new_ids, logprobs, finish_reason, stop_reason)
-        group = self._groups.get(state.request.group_id, [])
-        if all(self._states[rid].done for rid in group):
-            for rid in group:
-                del self._states[rid]
-            del self._groups[state.request.group_id]
-        return out
+        group_id = state.request.group_id
+        if all(self._states[rid].done for rid in self._groups[group_id]):
+            self.remove(group_id)
 
     @staticmethod
     def _output(state, text, new_ids, logprobs, finish_reason, stop_reason) -> RequestOutput:

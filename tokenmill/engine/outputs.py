@@ -54,7 +54,7 @@ class RequestOutput:
     new_token_ids: list[int]  # tokens generated since the previous output
     text: str  # text delta since the previous output (stop strings never appear)
     logprobs: list[TokenLogprobs]  # one per new token when logprobs were asked, else []
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" (a failed step) or None
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served by the prefix cache

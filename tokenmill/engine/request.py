@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tokenmill.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = 4  # max_tokens or the context length
     FINISHED_ABORTED = 5  # the client went away or the server gave up
+    FINISHED_ERROR = 6  # a step that ran it (or a sibling choice) failed
 
     @property
     def is_finished(self) -> bool:
@@ -35,16 +37,34 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
+
+
+def choice_id(group_id: str, index: int) -> str:
+    """The engine id of choice `index` of the user request `group_id`. Injective: the last '#'
+    is always the one added here (a decimal index has none), so no caller-chosen group id can
+    produce another request's choice id."""
+    return f"{group_id}#{index}"
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The generator seed of choice `index` of a request seeded with `seed`: choice 0 uses the
+    seed itself, choice i > 0 the state of the i-th child of numpy's SeedSequence(seed), so the
+    choices draw independent streams and no choice replays another seed's choice 0."""
+    if index == 0:
+        return seed
+    entropy = seed % (1 << 64)  # SeedSequence takes non-negative entropy; a bijection on int64
+    return int(np.random.SeedSequence(entropy, spawn_key=(index,)).generate_state(1, np.uint64)[0])
 
 
 @dataclass(eq=False)
 class Request:
-    request_id: str  # unique inside the engine (a choice of an n>1 request has its own)
+    request_id: str  # unique inside the engine: LLMEngine names every choice choice_id(group, i)
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    group_id: str | None = None  # the user's request id when n > 1 fans out; else request_id
+    group_id: str | None = None  # the user's request id (LLMEngine sets it); None: request_id
     index: int = 0  # choice index inside its group
     prefix_source: Request | None = None  # a sibling whose prompt blocks this one should reuse
     output_token_ids: list[int] = field(default_factory=list)
@@ -62,7 +82,7 @@ class Request:
             self.group_id = self.request_id
         seed = self.sampling_params.seed
         if seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(seed + self.index)
+            self.generator = torch.Generator().manual_seed(choice_seed(seed, self.index))
 
     @property
     def num_prompt_tokens(self) -> int:

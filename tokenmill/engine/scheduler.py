@@ -148,6 +148,20 @@ class Scheduler:
             request.status = status
             self._forget(request)
 
+    def check_integrity(self) -> None:
+        """Assert the block manager's invariants and the queues': every unfinished request is
+        in exactly one queue, running ones (in arrival order) alone hold blocks."""
+        self.block_manager.check_integrity()
+        assert all(r.status == RequestStatus.RUNNING for r in self.running)
+        assert all(r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+                   for r in self.waiting)
+        queued = [*self.running, *self.waiting]
+        assert {r.request_id: r for r in queued} == self.requests
+        assert len(queued) == len(self.requests) and self._arrival.keys() == self.requests.keys()
+        ranks = [self._arrival[r.request_id] for r in self.running]
+        assert ranks == sorted(ranks)
+        assert self.block_manager.holders == {r.request_id: r for r in self.running}
+
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledRequest], list[Request]]:
         """Give running requests their tokens, preempting from the newest when blocks run out."""
         scheduled, preempted = [], []

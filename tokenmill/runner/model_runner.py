@@ -46,6 +46,11 @@ class ModelRunner:
         if can_pack(device, dtype):
             self.model = pack_in_place(self.model) if owns_model else packed_copy(self.model)
 
+    def reset_request_state(self) -> None:
+        """Forget what the runner keeps per request across steps (the sampler's penalty state;
+        a seeded request's generator lives on the Request): after a failed step."""
+        self.sampler.reset()
+
     @torch.inference_mode()
     def compute_logits(self, sched_out: SchedulerOutput) -> tuple[list[Request], Tensor]:
         """Run the step's forward pass; the sampling requests and their logits [S, V] float32."""

@@ -37,6 +37,11 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.penalty_cache = PenaltyCache()
 
+    def reset(self) -> None:
+        """Drop every request's penalty state (after a failed step may have left some half
+        updated); each request's is rebuilt from its tokens the next time it is sampled."""
+        self.penalty_cache = PenaltyCache()
+
     def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits[:, : self.vocab_size].float()  # [B, V]
         logits = process_logits(logits, requests, self.eos_token_ids, self.penalty_cache)
