@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="of both, the most one API key may hold (past it: 429)", **opt)
     serve.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECONDS",
                        help="on SIGTERM, seconds that in-flight requests get to finish", **opt)
+    serve.add_argument("--max-step-failures", type=int, metavar="N",
+                       help="engine steps that may fail (each failing only its own requests) "
+                            "within --step-failure-window before the engine is declared dead "
+                            "and the server exits with status 3 (default: 3)", **opt)
+    serve.add_argument("--step-failure-window", type=float, dest="step_failure_window_s",
+                       metavar="SECONDS", help="(default: 60)", **opt)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=serve_command)
 
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 # ---- serve --------------------------------------------------------------------------------------
 
 ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
+FAILURE_OPTIONS = ("max_step_failures", "step_failure_window_s")
+ENGINE_DEAD_STATUS = 3  # the exit status of a server whose engine was declared dead
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences",
                   "max_pending_tokens", "max_key_share", "drain_timeout_s")
 DEFAULT_KV_CACHE_GIB = 1.0  # per model, when --kv-cache-gib is not given
@@ -197,7 +206,28 @@ def fingerprint(path: Path, dtype: str) -> str:
     return "fp_" + hashlib.sha256(f"{__version__}:{path.name}:{dtype}".encode()).hexdigest()[:10]
 
 
-def load_models(resolved: list, shares: list[float], args) -> list:
+class EngineDeaths:
+    """Engines declared dead (their steps failing again and again). One is enough to end the
+    process: it drains (every stream of the dead engine has failed already) and exits non-zero,
+    so that a supervisor (deploy/) starts it afresh; it never stays up answering 503."""
+
+    def __init__(self):
+        self.models: list[str] = []  # appended on step threads; read after the server stopped
+        self.server: DrainingServer | None = None  # set once it exists (before any request)
+
+    def on_dead(self, model_id: str) -> Callable[[BaseException], None]:
+        def dead(cause: BaseException) -> None:
+            log.critical("the engine of %s is dead (%s): stopping the server, which exits with "
+                         "status %d", model_id, type(cause).__name__, ENGINE_DEAD_STATUS)
+            self.models.append(model_id)
+            if self.server is not None:  # uvicorn's loop sees the flag within 0.1 s and drains
+                self.server.app_state.draining = True
+                self.server.should_exit = True
+
+        return dead
+
+
+def load_models(resolved: list, shares: list[float], args, deaths: EngineDeaths) -> list:
     """One engine per model (each with its own step thread and KV cache), as ServedModels."""
     from tokenmill.config import EngineConfig
     from tokenmill.engine.async_llm import AsyncLLM
@@ -210,7 +240,8 @@ def load_models(resolved: list, shares: list[float], args) -> list:
                                                   options.get("max_model_len"))
         config = EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
         try:
-            engine = AsyncLLM.from_config(config)
+            engine = AsyncLLM.from_config(config, on_dead=deaths.on_dead(model.id),
+                                          **_given(args, FAILURE_OPTIONS))
             served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
                                       fingerprint=fingerprint(model.path, config.dtype)))
         except (ValueError, NotImplementedError, OSError) as exc:
@@ -277,8 +308,9 @@ def serve_command(args) -> int:
     except ValueError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
+    deaths = EngineDeaths()
     try:
-        served = load_models(resolved, shares, args)
+        served = load_models(resolved, shares, args, deaths)
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
@@ -286,11 +318,11 @@ def serve_command(args) -> int:
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,
                                timeout_keep_alive=5)
-    server = DrainingServer(uv_config, app)
+    server = deaths.server = DrainingServer(uv_config, app)
     log.info("serving %s on http://%s:%d/v1", ", ".join(m.id for m in served), args.host,
              args.port)
     server.run()
-    return 0
+    return ENGINE_DEAD_STATUS if deaths.models else 0
 
 
 class DrainingServer(uvicorn.Server):

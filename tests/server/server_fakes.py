@@ -49,7 +49,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.calls: list[tuple[list[int], object, str]] = []
         self.healthy = True
-        self.fail_after: int | None = None  # raise EngineDeadError after this many outputs
+        self.fail_after: int | None = None  # raise `failure` after this many outputs
+        self.failure: type[Exception] = EngineDeadError
         self.engine = self  # AsyncLLM.engine, the LLMEngine: routes call its check_prompt
 
     def check_prompt(self, prompt_token_ids, params):
@@ -75,7 +76,7 @@ class FakeEngine:
                 for index in range(params.n):
                     await asyncio.sleep(self.delay)
                     if self.fail_after is not None and pos >= self.fail_after:
-                        raise EngineDeadError("step failed: boom")
+                        raise self.failure("step failed: boom")
                     last = pos == limit - 1
                     tok = ord(reply[pos])
                     lp = []

@@ -47,13 +47,15 @@ def tokenmill_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "tokenmill.cli"]
 
 
-def start_server(home: Path, args: list[str]) -> Server:
-    """`tokenmill serve ARGS` on a free loopback port with $TOKENMILL_HOME=home, once /health
-    answers 200 (the admin key is read when auth is on); fails the test with the log otherwise."""
+def start_server(home: Path, args: list[str], command: list[str] | None = None) -> Server:
+    """`tokenmill serve ARGS` (or `COMMAND serve ARGS`) on a free loopback port with
+    $TOKENMILL_HOME=home, once /health answers 200 (the admin key is read when auth is on);
+    fails the test with the log otherwise."""
     port = free_port()
     stdout_path = home / "server.log"
     env = dict(os.environ, TOKENMILL_HOME=str(home), PYTHONUNBUFFERED="1")
-    cmd = tokenmill_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = (command or tokenmill_command()) + ["serve", "--host", "127.0.0.1", "--port",
+                                              str(port), *args]
     with open(stdout_path, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

@@ -12,6 +12,7 @@ import pytest
 
 from server_fakes import REPLY, FakeEngine, served
 from tokenmill.catalog.pricing import Price
+from tokenmill.engine.async_llm import StepFailedError
 from tokenmill.server.app import build_app
 from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
@@ -565,6 +566,27 @@ async def test_engine_failure_mid_stream_is_an_error_event(client, engine):
     r = await client.post("/v1/chat/completions", json=chat_body())
     assert_error(r, 503, code="engine_unavailable", type_="server_error")
     assert "boom" not in r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failed_step_is_a_500_for_its_request_alone_and_billed_as_error(
+        client, engine, key_store, stream):
+    engine.failure, engine.fail_after = StepFailedError, 2
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+    expected = {"message": "The server had an error while generating this request; the request "
+                "was dropped, and a retry may succeed.", "type": "server_error", "param": None,
+                "code": "engine_step_failed"}
+    if stream:
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert events[-2] == {"error": expected} and events[-1] == "[DONE]"
+    else:
+        assert r.status_code == 500 and r.json() == {"error": expected}
+    assert "boom" not in r.text
+    [record] = Ledger(key_store.store).query().data
+    assert record.status == "error" and record.completion_tokens == 2
+    engine.fail_after = None
+    assert (await client.post("/v1/chat/completions", json=chat_body())).status_code == 200
 
 
 # ---- the usage ledger ------------------------------------------------------------------------

@@ -204,6 +204,18 @@ def test_seed_reproducibility(client):
     assert len({run(s) for s in (1, 2, 3)}) > 1
 
 
+def test_the_choices_of_a_seeded_request_are_independent_of_the_next_seeds(client):
+    def run(seed):
+        out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=1.0,
+                                             max_tokens=16, seed=seed, n=2)
+        return [choice.message.content for choice in out.choices]
+
+    first, again, following = run(77), run(77), run(78)
+    assert first == again  # reproducible, both choices
+    assert first[0] != first[1]
+    assert first[1] != following[0]  # before: choice 1 of seed s was choice 0 of seed s + 1
+
+
 def test_stop_strings(client):
     greedy = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, temperature=0,
                                             max_tokens=24).choices[0].message.content

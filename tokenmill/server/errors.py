@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tokenmill.engine.async_llm import EngineDeadError
+from tokenmill.engine.async_llm import EngineDeadError, StepFailedError
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.sampling_params import SamplingParamsError
 
@@ -117,6 +117,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return invalid_request(str(exc), None, "invalid_value")
     if isinstance(exc, EngineDeadError):
         return unavailable("The inference engine stopped.", "engine_unavailable")
+    if isinstance(exc, StepFailedError):  # logged by the engine, with its traceback
+        return APIError(500, "The server had an error while generating this request; the "
+                        "request was dropped, and a retry may succeed.", SERVER_ERROR, None,
+                        "engine_step_failed")
     return internal_error()
 
 
@@ -174,6 +178,6 @@ def install_error_handlers(app: FastAPI) -> None:
     # Each class by name. Any other exception reaches GuardMiddleware (server/middleware.py),
     # which logs it once and answers the 500.
     for cls in (APIError, RequestValidationError, SamplingParamsError, PromptError,
-                EngineDeadError):
+                EngineDeadError, StepFailedError):
         app.add_exception_handler(cls, _mapped)
 
