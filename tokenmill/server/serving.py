@@ -191,7 +191,7 @@ class OpenAIServing(ABC):
             raise permission_denied(f"This API key may not use the model `{model.id}`.", "model")
         self.check_supported(req)
         # Admitted by what it will hold before any tokenizing: shedding load costs nothing.
-        ticket = self.state.admit(self.demand(req), principal and principal.key_id)
+        ticket = self.state.admit(self.demand(model, req), principal and principal.key_id)
         try:
             # Off the event loop: tokenizing a long prompt must not stall other streams. The
             # deadline runs from arrival, so it covers this too.
@@ -303,10 +303,13 @@ class OpenAIServing(ABC):
             if not billed:
                 await self.metering.bill_quietly(job, request_id, raw, tally, "error", None, timing)
 
-    def max_tokens_bound(self, req) -> int:
-        """The most tokens one sequence of `req` may generate (sampling_params clamps it)."""
+    def max_tokens_bound(self, model: ServedModel, req) -> int:
+        """The most tokens one sequence of `req` may generate: never more than the context
+        (`sampling_params` refuses more with a 400 naming the parameter, once the prompt is
+        known; admission must not turn that into a 429)."""
         asked = req.requested_max_tokens
-        return max(self.settings.default_max_tokens, req.min_tokens) if asked is None else asked
+        wanted = max(self.settings.default_max_tokens, req.min_tokens) if asked is None else asked
+        return min(wanted, model.max_model_len)
 
     def remaining(self, timing: dict) -> float:
         """Seconds left of the request's deadline, which runs from its arrival."""
@@ -315,7 +318,7 @@ class OpenAIServing(ABC):
     # ---- what each endpoint supplies ----------------------------------------------------------
 
     @abstractmethod
-    def demand(self, req) -> Demand:
+    def demand(self, model: ServedModel, req) -> Demand:
         """What the request will hold in flight (sequences, a bound of their tokens), from the
         body alone: no tokenizing, no template."""
 

@@ -35,11 +35,11 @@ class ChatServing(OpenAIServing):
                         raise not_supported(f"messages.{i}.content.{j}.type",
                                             f"content part type {part.type!r}")
 
-    def demand(self, req: ChatCompletionRequest) -> Demand:
+    def demand(self, model: ServedModel, req: ChatCompletionRequest) -> Demand:
         prompt = TEMPLATE_TOKENS + sum(
             TEMPLATE_TOKENS_PER_MESSAGE + utf8_bytes(m.text(), f"messages.{i}.content")
             for i, m in enumerate(req.messages))
-        return Demand(req.n, req.n * (prompt + self.max_tokens_bound(req)))
+        return Demand(req.n, req.n * (prompt + self.max_tokens_bound(model, req)))
 
     def prepare(self, model: ServedModel, req: ChatCompletionRequest) -> Job:
         prompt = self.render(model, req)

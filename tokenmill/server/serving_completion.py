@@ -27,7 +27,7 @@ class CompletionServing(OpenAIServing):
         if req.echo and req.logprobs is not None:
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
 
-    def demand(self, req: CompletionRequest) -> Demand:
+    def demand(self, model: ServedModel, req: CompletionRequest) -> Demand:
         p = req.prompt
         if isinstance(p, str):
             prompts = [utf8_bytes(p, "prompt")]
@@ -37,7 +37,8 @@ class CompletionServing(OpenAIServing):
             prompts = [len(p)] if isinstance(p[0], int) else [len(ids) for ids in p]
         prompt_tokens = sum(prompts) + len(prompts)  # + a BOS each
         sequences = len(prompts) * req.n
-        return Demand(sequences, req.n * prompt_tokens + sequences * self.max_tokens_bound(req))
+        completion = sequences * self.max_tokens_bound(model, req)
+        return Demand(sequences, req.n * prompt_tokens + completion)
 
     def prepare(self, model: ServedModel, req: CompletionRequest) -> Job:
         """Token ids of each prompt, checked; with `echo`, the client's own string before its
