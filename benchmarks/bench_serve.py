@@ -142,7 +142,8 @@ def compare_ledger(args, options: tuple[str, ...]) -> None:
 def limited_key(home: str, db: str) -> str:
     """A key with limits far above the load (admission runs, never refuses)."""
     tokenmill = Path(sys.executable).with_name("tokenmill")
-    done = subprocess.run([str(tokenmill), "keys", "create", "--name", "bench", "--rpm",
+    name = f"bench-{uuid.uuid4().hex[:8]}"  # the PostgreSQL store outlives one round
+    done = subprocess.run([str(tokenmill), "keys", "create", "--name", name, "--rpm",
                            "1000000", "--tpm", "1000000000", "--budget", "1000", "--db", db],
                           env=dict(os.environ, TOKENMILL_HOME=home), check=True,
                           capture_output=True, text=True)
