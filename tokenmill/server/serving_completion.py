@@ -28,13 +28,10 @@ class CompletionServing(OpenAIServing):
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
 
     def demand(self, model: ServedModel, req: CompletionRequest) -> Demand:
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [utf8_bytes(p, "prompt")]
-        elif isinstance(p[0], str):
-            prompts = [utf8_bytes(text, f"prompt.{i}") for i, text in enumerate(p)]
-        else:  # token ids: their count
-            prompts = [len(p)] if isinstance(p[0], int) else [len(ids) for ids in p]
+        # Token ids count themselves; a string is bounded by its UTF-8 bytes.
+        prompts = [len(each) if not isinstance(each, str) else
+                   utf8_bytes(each, "prompt" if each is req.prompt else f"prompt.{i}")
+                   for i, each in enumerate(prompt_list(req.prompt))]
         prompt_tokens = sum(prompts) + len(prompts)  # + a BOS each
         sequences = len(prompts) * req.n
         completion = sequences * self.max_tokens_bound(model, req)
@@ -43,13 +40,12 @@ class CompletionServing(OpenAIServing):
     def prepare(self, model: ServedModel, req: CompletionRequest) -> Job:
         """Token ids of each prompt, checked; with `echo`, the client's own string before its
         choices (or the decoded ids of a token-id prompt)."""
-        p = req.prompt
-        texts = None
-        if isinstance(p, str) or isinstance(p[0], str):
-            texts = [p] if isinstance(p, str) else list(p)
+        given = prompt_list(req.prompt)
+        texts = given if isinstance(given[0], str) else None
+        if texts is not None:
             prompts = [encode_prompt(model.tokenizer, text) for text in texts]
         else:
-            prompts = [list(p)] if isinstance(p[0], int) else [list(ids) for ids in p]
+            prompts = [list(ids) for ids in given]
         params = self.sampling_params(model, req, max(len(ids) for ids in prompts), "prompt")
         self.check_prompts(model, prompts, params, "prompt")
         if not req.echo:
@@ -91,3 +87,8 @@ class CompletionServing(OpenAIServing):
         return CompletionChunk(id=request_id, created=created, model=job.model.id,
                                system_fingerprint=job.model.fingerprint, choices=choices,
                                usage=usage)
+
+
+def prompt_list(prompt) -> list:
+    """The request's `prompt` as a list of prompts, each a string or a list of token ids."""
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
