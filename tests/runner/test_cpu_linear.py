@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from tokenmill.runner import cpu_linear
-from tokenmill.runner.cpu_linear import PackedLinear, can_pack, pack_in_place, pack_linears
+from tokenmill.runner.cpu_linear import (PackedLinear, can_pack, pack_in_place, pack_linears,
+                                         padded_rows)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
                                 reason="this torch build has no oneDNN (mkldnn) CPU backend")
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("rows", [1, 7, 64, 17, 333])  # 17 and 333 run padded, to 18 and 352
 def test_packed_linear_equals_nn_linear(bias, rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias)
@@ -24,6 +25,14 @@ def test_packed_linear_equals_nn_linear(bias, rows):
     with torch.inference_mode():
         torch.testing.assert_close(PackedLinear(linear.weight, linear.bias)(x), linear(x),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_are_56_sizes_up_to_512_at_most_an_eighth_above():
+    sizes = {m: padded_rows(m) for m in range(1, 513)}
+    assert all(m <= p <= m + m // 8 for m, p in sizes.items())
+    assert [sizes[m] for m in (1, 15, 16, 17, 31, 32, 33, 100, 257, 512)] == \
+        [1, 15, 16, 18, 32, 32, 36, 104, 288, 512]
+    assert len(set(sizes.values())) == 56
 
 
 def test_packed_linear_keeps_leading_dims():
