@@ -6,6 +6,7 @@ defines the parameter, and vLLM/transformers for the extras (top_k, min_p, repet
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
@@ -15,6 +16,42 @@ SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as OpenAI's `seed` i
 # A temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by
 # it would overflow, and the distribution is the argmax's already.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+STRUCTURED_KINDS = ("json_schema", "regex", "choice", "lark", "gbnf")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output text, enforced token by token by the engine's grammar backend
+    (engine/structured.py). Equal specs share one compiled grammar.
+
+    kind "json_schema": spec is a JSON Schema as canonical JSON (`canonical_json`); JSON mode is
+      the schema {"type": "object"}. "regex": a regular expression the whole output matches.
+      "choice": a JSON list of strings, the output being exactly one of them. "lark": a Lark
+      grammar in llguidance's dialect (which embeds JSON schemas with `%json {...}`). "gbnf": a
+      llama.cpp GBNF grammar, translated to Lark when compiled.
+    """
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"unknown structured output kind {self.kind!r}")
+
+    @classmethod
+    def json_schema(cls, schema: dict | bool) -> StructuredOutputs:
+        return cls("json_schema", canonical_json(schema))
+
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredOutputs:
+        return cls("choice", json.dumps(list(choices), ensure_ascii=False))
+
+
+def canonical_json(value) -> str:
+    """One text per JSON value (sorted keys, no spaces): equal schemas share a cache entry."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class SamplingParamsError(ValueError):
@@ -45,6 +82,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra ids that end the output (the id is not emitted)
     ignore_eos: bool = False  # keep generating past EOS
     skip_special_tokens: bool = True  # detokenizer drops special tokens from the text
+    structured: StructuredOutputs | None = None  # a grammar the output must match; None: free
 
     def __post_init__(self) -> None:
         # Normalise containers so the object is hashable-ish and immutable in spirit.

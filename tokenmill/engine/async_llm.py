@@ -122,8 +122,11 @@ class AsyncLLM:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield output deltas of all n choices; aborts the request if the consumer stops early.
-        Raises StepFailedError if a step running it fails, EngineDeadError if the engine stops."""
+        Raises GrammarError if params.structured does not compile, StepFailedError if a step
+        running it fails, EngineDeadError if the engine stops."""
         self.engine.check_prompt(prompt_token_ids, params)
+        if params.structured is not None:  # raises GrammarError; cached for add_request
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured)
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         stream = (asyncio.get_running_loop(), outputs)
         with self._lock:

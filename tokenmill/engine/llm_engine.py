@@ -30,6 +30,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import FINISH_REASONS, Request, RequestStatus, choice_id
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.structured import GrammarCompiler
 from tokenmill.models.loader import LoadedModel, load_weights, open_model
 from tokenmill.runner.model_runner import ModelRunner, kv_bytes_per_token
 from tokenmill.sampling_params import SamplingParams
@@ -73,6 +74,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
                                    loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, loaded.config.vocab_size,
+                                        loaded.config.eos_token_ids)
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens, context %d, in %.1fs",
             loaded.config.architecture, device, str(dtype).removeprefix("torch."),
@@ -97,15 +100,19 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
         """Queue one user request; n > 1 fans out into n choices sharing the prompt's blocks.
-        All or nothing: if it raises, nothing of the request stays in the engine."""
+        All or nothing: if it raises, nothing of the request stays in the engine. A constraint
+        that does not compile raises GrammarError (compile it beforehand, off the step thread,
+        with `self.grammars.compile`: AsyncLLM does)."""
         if self.output_processor.has_group(request_id):
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_prompt(prompt_token_ids, params)
         first: Request | None = None
         choices = []
         for index in range(params.n):
+            structured = params.structured
+            grammar = None if structured is None else self.grammars.grammar(structured)
             req = Request(choice_id(request_id, index), list(prompt_token_ids), params,
-                          group_id=request_id, index=index, prefix_source=first)
+                          group_id=request_id, index=index, prefix_source=first, grammar=grammar)
             first = first or req
             choices.append(req)
         self.output_processor.add(choices)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tokenmill.engine.structured import Grammar
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -76,6 +77,7 @@ class Request:
     stop_reason: int | str | None = None  # the token id or stop string that ended it
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # seeded per request; None when seed is None
+    grammar: Grammar | None = None  # sampling_params.structured's state; has consumed the outputs
 
     def __post_init__(self) -> None:
         if self.group_id is None:

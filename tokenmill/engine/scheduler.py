@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterable
 
@@ -39,6 +40,8 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.stop import check_stop
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -124,9 +127,17 @@ class Scheduler:
             if (token_id := sampled.get(request.request_id)) is None:
                 continue  # a prefill chunk short of the prompt's end: nothing sampled
             request.output_token_ids.append(token_id)
+            if request.grammar is not None and not request.grammar.accept(token_id):
+                log.warning("request %s: its grammar refused token %d: %s", request.request_id,
+                            token_id, request.grammar.error)
             if (status := check_stop(request, self.eos_token_ids, self.max_model_len)) is not None:
                 request.status = status
-                request.stop_reason = token_id if status == RequestStatus.FINISHED_STOPPED else None
+                # A stopping token (EOS, a stop id) is kept out of the text; the last token of a
+                # grammar that is complete is part of it.
+                by_token = token_id in self.eos_token_ids or \
+                    token_id in request.sampling_params.stop_token_ids
+                request.stop_reason = token_id if status == RequestStatus.FINISHED_STOPPED \
+                    and by_token else None
                 finished.append(request)
             updated.append(request)
         if finished:

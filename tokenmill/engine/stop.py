@@ -14,8 +14,10 @@ def check_stop(request: Request, eos_token_ids: frozenset[int],
                max_model_len: int) -> RequestStatus | None:
     """Why the request ends with its newest token, or None. First match wins, in this order:
 
-    a stop token id, EOS (unless ignore_eos), max_tokens, the context length. Stop and EOS ids
-    count only once min_tokens tokens came before them (the sampler masks them until then).
+    a stop token id, EOS (unless ignore_eos), a grammar that is complete (it consumed EOS, even
+    with ignore_eos: nothing may follow) or broken, max_tokens, the context length. Stop and EOS
+    ids count only once min_tokens tokens came before them (the sampler masks them until then,
+    unless a complete grammar allows nothing else).
     """
     params = request.sampling_params
     token_id = request.output_token_ids[-1]
@@ -25,6 +27,8 @@ def check_stop(request: Request, eos_token_ids: frozenset[int],
             return RequestStatus.FINISHED_STOPPED
         if token_id in eos_token_ids and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
+    if request.grammar is not None and request.grammar.is_terminated:
+        return RequestStatus.FINISHED_STOPPED
     if params.max_tokens is not None and num_output >= params.max_tokens:
         return RequestStatus.FINISHED_LENGTH
     if request.num_tokens >= max_model_len:

@@ -7,13 +7,12 @@ each row whose chunk reaches its request's last known token, and samples those r
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
-from tokenmill.engine.request import Request
 from tokenmill.models.loader import LoadedModel
 from tokenmill.runner.cpu_linear import can_pack, pack_in_place, packed_copy
+from tokenmill.runner.grammar_mask import GrammarMasks
 from tokenmill.runner.input_batch import InputBatch
 from tokenmill.runner.sampler import Sampler
 
@@ -43,6 +42,7 @@ class ModelRunner:
         )  # [layers, K/V, num_blocks, block_size, Hkv, D]
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
+        self.grammar_masks = GrammarMasks(c.vocab_size)
         if can_pack(device, dtype):
             self.model = pack_in_place(self.model) if owns_model else packed_copy(self.model)
 
@@ -52,21 +52,19 @@ class ModelRunner:
         self.sampler.reset()
 
     @torch.inference_mode()
-    def compute_logits(self, sched_out: SchedulerOutput) -> tuple[list[Request], Tensor]:
-        """Run the step's forward pass; the sampling requests and their logits [S, V] float32."""
-        batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device,
-                                 self.sliding_window)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, H]
-        return batch.sample_requests, self.model.compute_logits(hidden[batch.sample_indices])
-
-    @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> RunnerOutput:
+        """Build the batch, start the grammar masks of its constrained rows, run the forward
+        (the masks are computed meanwhile on the grammar thread), then sample."""
         if sched_out.is_empty:
             return RunnerOutput([], [], [])
-        requests, logits = self.compute_logits(sched_out)
+        batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device,
+                                 self.sliding_window)
+        requests = batch.sample_requests
+        masks = self.grammar_masks.start(requests)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, H]
         if not requests:
             return RunnerOutput([], [], [])
-        out = self.sampler(logits, requests)
+        logits = self.model.compute_logits(hidden[batch.sample_indices])  # [S, V] float32
+        out = self.sampler(logits, requests, None if masks is None else masks.result())
         return RunnerOutput([r.request_id for r in requests], list(out.token_ids),
                             list(out.logprobs))
-

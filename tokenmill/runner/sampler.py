@@ -1,6 +1,7 @@
 """Sampler: the runner's last stage, from next-token logits [B, V] to one token per request.
 
 Stages, in order (vLLM's sampler order; transformers' processors where they define the maths):
+  0. the grammar masks of constrained rows (runner/grammar_mask.py): disallowed tokens -> -inf.
   1. `process_logits`: logit_bias, min_tokens masking, repetition penalty, presence/frequency.
   2. `compute_logprobs`: log_softmax of the processed logits, i.e. after bias and penalties but
      before temperature and truncation, so a logprob describes the model under the user's hard
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from tokenmill.engine.outputs import TokenLogprobs
 from tokenmill.engine.request import Request
+from tokenmill.runner.grammar_mask import apply_bitmask
 from tokenmill.runner.penalties import PenaltyCache, apply_penalties
 
 
@@ -42,12 +44,33 @@ class Sampler:
         updated); each request's is rebuilt from its tokens the next time it is sampled."""
         self.penalty_cache = PenaltyCache()
 
-    def __call__(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: Tensor, requests: list[Request],
+                 bitmask: Tensor | None = None) -> SamplerOutput:
+        """`bitmask` [B, W]: the packed grammar masks (GrammarMasks), None when no row has one."""
         logits = logits[:, : self.vocab_size].float()  # [B, V]
-        logits = process_logits(logits, requests, self.eos_token_ids, self.penalty_cache)
+        if bitmask is None:
+            logits = process_logits(logits, requests, self.eos_token_ids, self.penalty_cache)
+        else:
+            logits = self._constrained_logits(logits, requests, bitmask)
         token_ids = sample(logits, requests).tolist()
         num_top = [r.sampling_params.logprobs for r in requests]
         return SamplerOutput(token_ids, compute_logprobs(logits, token_ids, num_top))
+
+
+    def _constrained_logits(self, logits: Tensor, requests: list[Request],
+                            bitmask: Tensor) -> Tensor:
+        """Stage 0 then stage 1. The grammar wins over min_tokens: a row whose grammar allows
+        only tokens that min_tokens or the penalties took away (EOS, once the grammar is
+        complete) keeps its grammar-masked logits, so it can still end validly."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        masked = apply_bitmask(logits, bitmask, rows)  # [B, V]
+        processed = process_logits(masked, requests, self.eos_token_ids, self.penalty_cache)
+        index = torch.tensor(rows, device=logits.device)  # [R]
+        dead = processed[index].isneginf().all(dim=-1)  # [R]
+        if dead.any():
+            stuck = index[dead]
+            processed = processed.index_copy(0, stuck, masked[stuck])
+        return processed
 
 
 def process_logits(

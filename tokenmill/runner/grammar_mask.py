@@ -1,0 +1,61 @@
+"""Grammar masks: the allowed next tokens of each constrained row, computed beside the forward.
+
+`GrammarMasks.start` hands the step's constrained matchers to one worker thread, which fills a
+packed bitmask [S, W] (bit t % 32 of word t // 32 set: token t allowed; W = ceil(V / 32)) with
+llguidance's executor; llguidance drops the GIL while it works, so the model's forward runs on
+the step thread meanwhile and the masks usually cost nothing but their wait. The worker runs no
+torch op (it writes through a raw pointer), so it never starts a second OpenMP team (see
+engine/async_llm.py on why that matters). `apply_bitmask` is the sampler's first stage.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from tokenmill.engine.request import Request
+
+_BITS = torch.arange(32, dtype=torch.int32)  # [32]
+
+
+class GrammarMasks:
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._pool: ThreadPoolExecutor | None = None  # started with the first constrained step
+        self._executor = None  # llguidance.LLExecutor
+
+    def start(self, requests: list[Request]) -> Future[Tensor] | None:
+        """Begin computing the masks of the sampling `requests` (in batch order); None when no
+        row is constrained. The future's result is an int32 bitmask [S, W]; rows without a
+        grammar are all ones."""
+        rows = [(r.grammar.matcher, i) for i, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None
+        if self._pool is None:
+            import llguidance
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")
+            self._executor = llguidance.LLExecutor()
+        bitmask = torch.full((len(requests), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        return self._pool.submit(self._fill, rows, bitmask)
+
+    def _fill(self, rows: list, bitmask: Tensor) -> Tensor:
+        self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                               bitmask.shape[0])
+        return bitmask
+
+
+def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """The packed int32 bitmask [R, W] as booleans [R, vocab_size]: True where allowed."""
+    bits = (bitmask[:, :, None] >> _BITS.to(bitmask.device)) & 1  # [R, W, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_bitmask(logits: Tensor, bitmask: Tensor, rows: list[int]) -> Tensor:
+    """logits [B, V] with the disallowed tokens of `rows` (whose masks are bitmask[rows]) set to
+    -inf; a new tensor, the input is not modified. Other rows are untouched."""
+    index = torch.tensor(rows, device=logits.device)  # [R]
+    allowed = unpack_bitmask(bitmask[index].to(logits.device), logits.shape[1])  # [R, V]
+    return logits.index_copy(0, index, logits[index].masked_fill(~allowed, float("-inf")))
