@@ -357,7 +357,8 @@ def test_errors_through_the_official_client(server, client):
                       ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
                       ({"stop": ["x"] * 17}, "stop"),
                       ({"presence_penalty": -5}, "presence_penalty"),
-                      ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"response_format": {"type": "json_schema", "json_schema": {
+                          "name": "x", "schema": {"type": "objekt"}}}}, "response_format"),
                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                       ({"stream_options": {"include_usage": True}}, "stream_options")]:
         with pytest.raises(openai.BadRequestError) as e:

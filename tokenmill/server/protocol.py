@@ -60,6 +60,20 @@ class StreamOptions(_Request):
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`. The schema is enforced whatever `strict` says."""
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions, with OpenAI's ranges."""
 
@@ -84,6 +98,13 @@ class _SamplingFields(_Request):
     min_tokens: NonNegInt = 0
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[NonNegInt], Field(max_length=64)] | None = None
+    # Structured outputs: OpenAI's response_format, and vLLM's guided_* extras (one at a time).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
+    guided_grammar: str | None = None  # GBNF (llama.cpp's) or Lark (llguidance's), by its shape
+    guided_decoding_backend: str | None = None  # accepted for vLLM clients; llguidance is used
 
     @field_validator("stop")
     @classmethod
@@ -120,7 +141,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Accepted so that they can be refused with a clear message rather than ignored.
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -146,7 +166,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -24,16 +24,18 @@ from starlette.requests import Request
 
 from tokenmill.engine.llm_engine import PromptError
 from tokenmill.engine.outputs import RequestOutput, TokenLogprobs
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.engine.structured import GrammarError
+from tokenmill.sampling_params import SamplingParams, StructuredOutputs
 from tokenmill.server import sse
 from tokenmill.server.errors import (APIError, SERVER_ERROR, context_length_exceeded,
-                                     invalid_request, not_supported, permission_denied)
+                                     invalid_request, permission_denied)
 from tokenmill.server.metering import Metering
 from tokenmill.server.metrics import Metrics
 from tokenmill.server.models import ServedModel, ServedModels
 from tokenmill.server.protocol import Usage
 from tokenmill.server.state import Demand, ServerSettings, ServerState
 from tokenmill.server.streams import ClientDisconnected, guarded, merge, within
+from tokenmill.server.structured import requested_constraint
 from tokenmill.server.usage import UsageTally
 
 log = logging.getLogger(__name__)
@@ -106,14 +108,20 @@ class OpenAIServing(ABC):
         if req.stream_options is not None and not req.stream:
             raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' "
                                   "is enabled.", "stream_options", "invalid_value")
-        self.check_response_format(req.response_format)
+        requested_constraint(req)  # a malformed or doubled constraint is a 400 before queueing
         return model
 
-    @staticmethod
-    def check_response_format(response_format: dict | None) -> None:
-        if response_format and response_format.get("type", "text") != "text":
-            raise not_supported("response_format", "response_format "
-                                f"{response_format.get('type')!r} (structured output)")
+    def constraint(self, model: ServedModel, req) -> StructuredOutputs | None:
+        """The request's output constraint, compiled (cached by the engine, so the engine's own
+        compile is a lookup): call it off the event loop, a large schema takes up to a second.
+        A constraint that does not compile is a 400 naming its parameter."""
+        structured, param = requested_constraint(req)
+        if structured is not None:
+            try:
+                model.engine.engine.grammars.compile(structured)
+            except GrammarError as exc:
+                raise invalid_request(f"Invalid {param}: {exc}", param, "invalid_value") from None
+        return structured
 
     @staticmethod
     def check_token_ids(model: ServedModel, ids, param: str) -> None:
@@ -178,6 +186,7 @@ class OpenAIServing(ABC):
             stop=req.stop or (),  # a string or a list: SamplingParams makes it a tuple
             stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos,
+            structured=self.constraint(model, req),
         )
 
     # ---- one request, from checks to the last byte ---------------------------------------------
