@@ -212,3 +212,19 @@ def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine, prompt):
     result = run(engine, {"eos": (prompt, params)})["eos"]
     assert result["text"] in ("yes", "no")
     assert result["finish"] == "stop"
+
+
+def test_aborting_a_constrained_request_midway_leaves_the_others_valid(engine, prompt):
+    structured = StructuredOutputs.json_schema(NESTED_SCHEMA)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=160, structured=structured)
+    engine.add_request("gone", prompt, params)
+    engine.add_request("kept", prompt, params)
+    kept = ""
+    for _ in range(6):
+        kept += "".join(o.text for o in engine.step() if o.request_id == "kept")
+    assert [o.finish_reason for o in engine.abort("gone")] == ["abort"]
+    engine.check_integrity()
+    while engine.has_unfinished_requests():
+        kept += "".join(o.text for o in engine.step() if o.request_id == "kept")
+    jsonschema.validate(json.loads(kept), NESTED_SCHEMA)
+    assert engine.scheduler.kv_cache_usage == 0.0
