@@ -217,7 +217,7 @@ async def test_content_parts_and_system_anywhere(client, engine):
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_json": "{not json"}, "guided_json"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "not ok"}}]}, "tools"),
     ({"messages": [{"role": "user",
                     "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type"),

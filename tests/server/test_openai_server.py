@@ -359,7 +359,7 @@ def test_errors_through_the_official_client(server, client):
                       ({"presence_penalty": -5}, "presence_penalty"),
                       ({"response_format": {"type": "json_schema", "json_schema": {
                           "name": "x", "schema": {"type": "objekt"}}}}, "response_format"),
-                      ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                      ({"tools": [{"type": "function", "function": {"name": "not ok"}}]}, "tools"),
                       ({"stream_options": {"include_usage": True}}, "stream_options")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2, **kw)

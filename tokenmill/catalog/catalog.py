@@ -29,6 +29,9 @@ from tokenmill.catalog.templates import BUILTIN_TEMPLATES
 from tokenmill.models.default import fetch_wheel_member, tokenmill_home, wheel_member_path
 
 SHIPPED = Path(__file__).with_name("catalog.yaml")
+# How a model writes tool calls (server/tool_formats.py has each); a template's default below.
+TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
+_TEMPLATE_TOOL_FORMAT = {"chatml": "hermes", "llama3": "llama3", "mistral": "mistral"}
 REPO_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # a Hugging Face repo id: owner/name
 
 
@@ -63,6 +66,7 @@ class CatalogEntry:
     source: ModelSource
     hardware: str  # what it needs to run
     aliases: tuple[str, ...] = ()  # other ids clients may send (another provider's spelling)
+    tool_format: str = "generic"  # how it writes tool calls: one of TOOL_FORMATS
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def _entry(raw, where: str, base: Path) -> CatalogEntry:
     missing = [name for name in _FIELDS if name not in raw]
     if missing:
         raise CatalogError(f"{where}: missing field(s) {', '.join(missing)}")
-    unknown = sorted(set(raw) - set(_FIELDS) - {"aliases"})
+    unknown = sorted(set(raw) - set(_FIELDS) - {"aliases", "tool_format"})
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {', '.join(unknown)}")
     for name in _TEXT_FIELDS:
@@ -255,10 +259,20 @@ def _entry(raw, where: str, base: Path) -> CatalogEntry:
     aliases = raw.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise CatalogError(f"{where}: aliases must be a list of non-empty strings")
+    tool_format = raw.get("tool_format", default_tool_format(raw["template"]))
+    if tool_format not in TOOL_FORMATS:
+        raise CatalogError(f"{where}: unknown tool_format {tool_format!r}; choose one of "
+                           f"{', '.join(TOOL_FORMATS)}")
     text = {name: raw[name].strip() for name in _TEXT_FIELDS}
     return CatalogEntry(**text, family=raw["family"], template=raw["template"],
                         context_length=context, price=_price(raw["price"], where),
-                        source=_source(raw["source"], where, base), aliases=tuple(aliases))
+                        source=_source(raw["source"], where, base), aliases=tuple(aliases),
+                        tool_format=tool_format)
+
+
+def default_tool_format(template: str | None) -> str:
+    """The tool format a built-in template's family uses; "generic" for the others."""
+    return _TEMPLATE_TOOL_FORMAT.get(template or "", "generic")
 
 
 def _price(raw, where: str) -> Price:

@@ -14,6 +14,7 @@ from tokenmill.catalog.catalog import CatalogEntry
 from tokenmill.catalog.templates import ChatTemplate
 from tokenmill.server.errors import model_not_found
 from tokenmill.server.protocol import ModelCard
+from tokenmill.server.tool_formats import FORMATS, ToolFormat
 
 
 @dataclass(eq=False)
@@ -28,6 +29,19 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.chat_template = ChatTemplate.for_tokenizer(self.engine.tokenizer, self.entry.template)
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        """How the model writes tool calls (the catalog's `tool_format`)."""
+        return FORMATS[self.entry.tool_format]
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether its chat template writes the tool list itself (else the server describes the
+        tools in a system message); the generic format is always described by the server."""
+        template = self.chat_template
+        return self.entry.tool_format != "generic" and template is not None and \
+            any("tools" in source for source in template.sources.values())
 
     @property
     def tokenizer(self):

@@ -39,11 +39,25 @@ class OtherPart(_Request):
     type: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Request):
+    """A call an assistant message made (sent back in the history)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None  # assistant
 
     def text(self) -> str:
         if self.content is None:
@@ -58,6 +72,30 @@ class StreamOptions(_Request):
 
 
 NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class FunctionDefinition(_Request):
+    """OpenAI's function tool. The name's rule (^[a-zA-Z0-9_-]{1,64}$) and the schema are
+    checked by the chat endpoint, so that the 400 names `tools`."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; None: no parameters
+    strict: bool | None = None  # the schema is enforced whatever it says
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class JsonSchemaFormat(_Request):
@@ -140,10 +178,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    # Accepted so that they can be refused with a clear message rather than ignored.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -206,11 +243,22 @@ class ChoiceLogprobs(_Response):
     refusal: None = None
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
-    tool_calls: None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Response):
@@ -232,7 +280,10 @@ class ChatCompletionResponse(_Response):
 
 class ChatChunkChoice(_Response):
     index: int
-    delta: dict[str, Any]  # {"role": ..., "content": ...}; {} on the finish chunk
+    # {"role": ..., "content": ...}, or {"tool_calls": [{index, id, type, function: {name,
+    # arguments: ""}}]} then {"tool_calls": [{index, function: {arguments: <fragment>}}]};
+    # {} on the finish chunk
+    delta: dict[str, Any]
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 

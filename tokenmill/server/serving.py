@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
 from fastapi.responses import JSONResponse
@@ -70,6 +71,7 @@ class Job:
     prompts: list[list[int]]  # token ids of each prompt
     params: SamplingParams  # one for all prompts: the longest decided what fits
     echo: list[str]  # per prompt, the text its choices start with (the echoed prompt, or "")
+    tool_format: Any = None  # chat: the ToolFormat its choices' calls are parsed in (None: text)
 
     @property
     def num_choices(self) -> int:
@@ -81,6 +83,21 @@ class Job:
     def opening_text(self) -> list[str]:
         """Per choice, the text it starts with."""
         return [self.echo[c // self.params.n] for c in range(self.num_choices)]
+
+
+class ChoiceStream:
+    """One streamed choice's text -> the choices its chunks carry. This one passes the text
+    through (completions, chat without tools); chat's tool calls reshape it (serving_chat.py)."""
+
+    def __init__(self, serving: OpenAIServing, index: int):
+        self.serving = serving
+        self.index = index
+
+    def text(self, text: str, logprobs: BaseModel | None) -> list:
+        return [self.serving.delta_choice(self.index, text, logprobs, None)]
+
+    def finish(self, finish_reason: str) -> list:
+        return [self.serving.delta_choice(self.index, None, None, finish_reason)]
 
 
 class OpenAIServing(ABC):
@@ -254,9 +271,9 @@ class OpenAIServing(ABC):
             raise
         self.done("ok", timing)
         k = req.num_logprobs
-        choices = [self.choice(c, texts[c],
-                               None if k is None else self.logprobs(job, entries[c], k, 0),
-                               finish[c]) for c in range(job.num_choices)]
+        choices = [self.full_choice(job, c, texts[c],
+                                    None if k is None else self.logprobs(job, entries[c], k, 0),
+                                    finish[c]) for c in range(job.num_choices)]
         body = self.response(job, request_id, choices, tally.usage(job.model.entry.price))
         # Durable before the body leaves: a response the client got is always in the ledger.
         await self.metering.bill(job, request_id, raw, tally, "completed", finish[-1], timing)
@@ -270,6 +287,7 @@ class OpenAIServing(ABC):
         exclude = None if req.include_usage else {"usage"}
         pending = job.opening_text()  # sent with each choice's first text
         offsets = [0] * job.num_choices  # characters of each choice sent so far
+        streams = [self.choice_stream(job, c) for c in range(job.num_choices)]
         tally = UsageTally()
 
         def event(choices: list, usage: Usage | None = None) -> bytes:
@@ -288,10 +306,12 @@ class OpenAIServing(ABC):
                 if text or out.logprobs:
                     lp = None if k is None else self.logprobs(job, out.logprobs, k, offsets[c])
                     offsets[c] += len(text)
-                    yield event([self.delta_choice(c, text, lp, None)])
+                    for choice in streams[c].text(text, lp):
+                        yield event([choice])
                 if out.finished:
                     last_finish = self.finish_reason(out)
-                    yield event([self.delta_choice(c, None, None, last_finish)])
+                    for choice in streams[c].finish(last_finish):
+                        yield event([choice])
             if req.include_usage:
                 yield event([], usage=tally.usage(job.model.entry.price))
             # Durable before `[DONE]` (sent after this generator ends) goes out.
@@ -349,6 +369,15 @@ class OpenAIServing(ABC):
     def choice(self, index: int, text: str, logprobs: BaseModel | None,
                finish_reason: str | None) -> BaseModel:
         """One finished choice of a full response."""
+
+    def full_choice(self, job: Job, index: int, text: str, logprobs: BaseModel | None,
+                    finish_reason: str | None) -> BaseModel:
+        """One finished choice of `job`'s full response (chat parses tool calls here)."""
+        return self.choice(index, text, logprobs, finish_reason)
+
+    def choice_stream(self, job: Job, index: int) -> ChoiceStream:
+        """The per-choice shaper of a stream's text into its chunks' choices."""
+        return ChoiceStream(self, index)
 
     @abstractmethod
     def response(self, job: Job, request_id: str, choices: list, usage: Usage) -> BaseModel:
