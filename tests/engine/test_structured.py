@@ -71,7 +71,12 @@ def test_equal_constraints_compile_once(engine):
 
 @pytest.mark.parametrize("spec, words", [
     (StructuredOutputs("json_schema", '{"type": "objekt"}'), "objekt"),
-    (StructuredOutputs("json_schema", "{not json"), "not valid JSON"),
+    (StructuredOutputs("json_schema", "{not json"), "not a JSON Schema object"),
+    (StructuredOutputs("json_schema", "false"), "not a JSON Schema object"),
+    (StructuredOutputs("json_schema", '{"type": "string", "pattern": "[a-"}'),
+     "unclosed character class"),
+    (StructuredOutputs("json_schema", '{"type": "string", "minLength": 5, "maxLength": 2}'),
+     "minLength (5) is greater than maxLength (2)"),
     (StructuredOutputs("regex", "a(b"), "regex"),
     (StructuredOutputs("lark", "start: undefined_rule"), "undefined_rule"),
     (StructuredOutputs("gbnf", 'root ::= "a" ('), "GBNF"),

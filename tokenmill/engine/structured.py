@@ -91,7 +91,7 @@ class GrammarCompiler:
 
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar_source(spec), log_level=0)
         if matcher.is_error():
-            raise GrammarError(_first_line(matcher.get_error()))
+            raise GrammarError(_one_line(matcher.get_error()))
         with self._lock:
             self._compiled[spec] = matcher
             while len(self._compiled) > COMPILED_CACHE_SIZE:
@@ -111,8 +111,8 @@ def grammar_source(spec: StructuredOutputs) -> str:
     if spec.kind == "json_schema":
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(spec.spec, defaults=JSON_OPTIONS)
-        except ValueError as exc:
-            raise GrammarError(f"the schema is not valid JSON: {exc}") from None
+        except ValueError as exc:  # not JSON, or not an object schema (`true`, `false`)
+            raise GrammarError(f"the schema is not a JSON Schema object: {exc}") from None
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.spec)
     if spec.kind == "choice":
@@ -128,11 +128,16 @@ def grammar_source(spec: StructuredOutputs) -> str:
         try:
             lark = gbnf_to_lark(spec.spec)
         except Exception as exc:  # GbnfToLarkError, or a plain Exception for an unknown rule
-            message = _first_line(str(exc))
+            message = _one_line(str(exc))
             raise GrammarError(f"the GBNF grammar does not parse: {message}") from None
         return llguidance.LLMatcher.grammar_from_lark(lark)
     return llguidance.LLMatcher.grammar_from_lark(spec.spec)  # "lark"
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "the grammar is invalid"
+MAX_ERROR_CHARS = 500
+
+
+def _one_line(message: str) -> str:
+    """A library's error (often several lines: a regex error draws a caret) as one line."""
+    line = " ".join(message.split()) or "the grammar is invalid"
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "..."

@@ -64,7 +64,7 @@ def _schema(value: dict | str) -> dict:
     except json.JSONDecodeError as exc:
         raise invalid_request(f"guided_json is not valid JSON: {exc}", "guided_json",
                               "invalid_value") from None
-    if not isinstance(schema, dict | bool):
+    if not isinstance(schema, dict):
         raise invalid_request("guided_json must be a JSON Schema object", "guided_json",
                               "invalid_value")
     return schema
