@@ -6,9 +6,11 @@
 The default model through ModelRunner, as benchmarks/bench_decode.py drives it: B requests with
 ~200-token prompts, prefilled, then decode steps of B rows. Constrained rows follow a nested JSON
 schema (tests/engine/test_structured.py's); each step advances their grammars with the sampled
-token, as the scheduler does, and a grammar that completes starts over. Printed per shape: the
-median step time, and the median time the step waited for the masks after its forward (the part
-of the mask work the overlap did not hide). Then the masks alone: the same B rows' masks
+token, as the scheduler does, and a grammar that completes starts over. The shapes (0, B/4 and B
+constrained rows) alternate for ROUNDS rounds, since a 2-core VM drifts by 10-20% between runs
+of the same shape; printed per round and shape: the median step time, and the median time the
+step waited for the masks after its forward (the part of the mask work the overlap did not
+hide); then each shape's mean over the rounds. Then the masks alone: the same B rows' masks
 computed sequentially on the calling thread, without a forward to hide behind.
 """
 
@@ -43,6 +45,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 STEPS = 30
+ROUNDS = 3
 
 
 class WaitTimer:
@@ -147,8 +150,14 @@ if __name__ == "__main__":
                 if line.startswith("model name")), platform.processor())
     print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"schema {len(json.dumps(SCHEMA))} bytes", flush=True)
-    base = bench(runner, compiler, timer, batch, 0)
-    for k in (batch // 4, batch):
-        med = bench(runner, compiler, timer, batch, k)
-        print(f"   -> {100 * (med / base - 1):+.1f}% against the unconstrained batch")
+    shapes = (0, batch // 4, batch)
+    medians: dict[int, list[float]] = {k: [] for k in shapes}
+    for _ in range(ROUNDS):
+        for k in shapes:
+            medians[k].append(bench(runner, compiler, timer, batch, k))
+    base = sum(medians[0]) / ROUNDS
+    for k in shapes:
+        mean = sum(medians[k]) / ROUNDS
+        print(f"B={batch}, {k:2d} constrained: mean of {ROUNDS} medians {mean:6.1f} ms, "
+              f"{100 * (mean / base - 1):+.1f}% against the unconstrained batch")
     print(f"{batch} masks computed alone, one after another: {masks_alone(compiler, batch):.2f} ms")
