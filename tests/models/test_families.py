@@ -23,6 +23,10 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 # blocking than alone: on the tiny Mixtral (activations ~1e3 from initializer_range 1.0) a token's
 # logits move by up to 2.2e-4 with its batch neighbours (dense families: 3e-5).
 MOE_BATCH_TOL = dict(rtol=1e-4, atol=5e-4)
+# On AVX-512 (AMD EPYC here) oneDNN's kernels sum in another order than on AVX2 (where the dense
+# families keep 1e-4): in a mixed flat batch the tiny Llama 3's logits moved by up to 9.6e-4
+# from transformers', its float32 rounding against float64 being ~5e-4 already.
+DENSE_BATCH_TOL = dict(rtol=1e-4, atol=2e-3)
 # Each family's tiny checkpoint; "mistral_full" is the tiny Mistral with no sliding window.
 FAMILIES = ("llama", "llama3", "mistral_full", "qwen2", "qwen2_tied", "mixtral")
 TEXTS = (  # ~80 tokens, so prompt and continuation run past llama3's original context of 64
@@ -134,7 +138,7 @@ def test_mixed_flat_batch_equals_transformers(models, prompts, family):
     # One step: two decodes (a, b), c's whole prompt, then a chunk of a copy of b from 9 on.
     logits = run(ours.model, cache, [(a[-1:], len(a) - 1, ta), (b[-1:], len(b) - 1, tb),
                                      (c, 0, tc), (b[9:], 9, tb)])
-    tol = MOE_BATCH_TOL if family == "mixtral" else TOL
+    tol = MOE_BATCH_TOL if family == "mixtral" else DENSE_BATCH_TOL
     torch.testing.assert_close(logits[0], hf_logits(ref, a, [len(a) - 1, len(a)])[-1], **tol)
     torch.testing.assert_close(logits[1], hf_logits(ref, b, [len(b) - 1, len(b)])[-1], **tol)
     torch.testing.assert_close(logits[2:2 + len(c)], hf_logits(ref, c), **tol)
