@@ -120,22 +120,29 @@ def test_prefix_cache_warm_gives_same_tokens(engine, prompts, reference):
     assert cold["tokens"] == warm["tokens"] == reference[7]
 
 
-def test_preemption_then_resume_gives_identical_output(loaded_default_model,
-                                                       default_model_path, prompts, reference):
-    # 24 blocks of 16 tokens: the 8 prompts (~40-60 tokens each) cannot all grow at once.
+def tight_engine(loaded, path) -> tuple[LLMEngine, list[str]]:
+    """An engine of 24 KV blocks of 16 tokens (no prefix cache), and the list its scheduler
+    appends the id of every request it preempts to."""
     kv_bytes_per_block = 2 * 30 * 3 * 64 * 4 * 16
-    tiny = make_engine(loaded_default_model, default_model_path, max_model_len=256,
-                       kv_cache_gib=24 * kv_bytes_per_block / (1 << 30),
-                       enable_prefix_caching=False)
-    preempted = []
-    schedule = tiny.scheduler.schedule
+    engine = make_engine(loaded, path, max_model_len=256,
+                         kv_cache_gib=24 * kv_bytes_per_block / (1 << 30),
+                         enable_prefix_caching=False)
+    preempted: list[str] = []
+    schedule = engine.scheduler.schedule
 
     def spy():
         out = schedule()
         preempted.extend(r.request_id for r in out.preempted)
         return out
 
-    tiny.scheduler.schedule = spy
+    engine.scheduler.schedule = spy
+    return engine, preempted
+
+
+def test_preemption_then_resume_gives_identical_output(loaded_default_model,
+                                                       default_model_path, prompts, reference):
+    # The 8 prompts (~40-60 tokens each) cannot all grow at once in 24 blocks.
+    tiny, preempted = tight_engine(loaded_default_model, default_model_path)
     results = run(tiny, {f"p{i}": (ids, GREEDY) for i, ids in enumerate(prompts)})
     assert preempted, "the tiny cache should have forced a preemption"
     for rid, r in results.items():

@@ -17,7 +17,7 @@ import pytest
 
 from tokenmill.engine.structured import GrammarCompiler, GrammarError
 from tokenmill.sampling_params import SamplingParams, StructuredOutputs
-from tests.engine.test_llm_engine import chat_ids, make_engine, run
+from tests.engine.test_llm_engine import chat_ids, make_engine, run, tight_engine
 
 NESTED_SCHEMA = {
     "type": "object",
@@ -174,19 +174,7 @@ def test_preemption_keeps_the_grammar_state(loaded_default_model, default_model_
                                                  structured=structured)) for i in range(6)}
     expected = run(make_engine(loaded_default_model, default_model_path), requests)
     # 24 blocks of 16 tokens: six prompts of ~35 tokens cannot all grow to ~100 tokens at once.
-    kv_bytes_per_block = 2 * 30 * 3 * 64 * 4 * 16
-    tight = make_engine(loaded_default_model, default_model_path, max_model_len=256,
-                        kv_cache_gib=24 * kv_bytes_per_block / (1 << 30),
-                        enable_prefix_caching=False)
-    preempted = []
-    schedule = tight.scheduler.schedule
-
-    def spy():
-        out = schedule()
-        preempted.extend(r.request_id for r in out.preempted)
-        return out
-
-    tight.scheduler.schedule = spy
+    tight, preempted = tight_engine(loaded_default_model, default_model_path)
     got = run(tight, requests)
     assert preempted, "the tight cache should have forced a preemption"
     assert texts(got) == texts(expected)

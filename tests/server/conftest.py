@@ -24,6 +24,24 @@ def server(default_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def client(server):
+    """The official `openai` client on the shared server, with the admin key."""
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=300)
+
+
+@pytest.fixture
+def http(server):
+    """Raw HTTP to the shared server, with the admin key."""
+    import httpx
+
+    with httpx.Client(base_url=server.base_url, timeout=300,
+                      headers={"Authorization": f"Bearer {server.key}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def node_openai() -> Path:
     """The directory of the seed pages' JavaScript example, whose node_modules holds the official
     `openai` npm package (tests/server/js/package.json), vendored at set-up by `make test`: the

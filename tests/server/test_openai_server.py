@@ -2,7 +2,8 @@
 client, raw httpx and the seed pages' own Python and JavaScript examples.
 
 Kept cheap for a 2-core CPU: one server for the session, small max_tokens, temperature 0 where the
-text is compared. The SIGTERM drain test runs last because it stops the shared server.
+text is compared. The SIGTERM drain test stops a server of its own: the shared one serves the
+other modules after this one.
 """
 
 from __future__ import annotations
@@ -21,24 +22,13 @@ import httpx
 import openai
 import pytest
 
-from server_live import MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID, tokenmill_command
+from server_live import (MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID, start_server, stop_server,
+                         tokenmill_command)
 
 pytestmark = pytest.mark.slow
 
 CANARY = "zebra-canary-7431"  # appears in a prompt; must never appear in the server's log
 MESSAGES = [{"role": "user", "content": "Name three colors of the rainbow."}]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=120,
-                      headers={"Authorization": f"Bearer {server.key}"}) as c:
-        yield c
 
 
 def metric(server, name: str) -> float:
@@ -515,7 +505,7 @@ async def test_a_burst_of_fanned_out_calls_is_shed_without_a_5xx_and_health_stay
     await asyncio.to_thread(wait_idle, server)
 
 
-# ---- logs and shutdown (last: the drain test stops the server) ----------------------------------
+# ---- logs and shutdown --------------------------------------------------------------------------
 
 
 def test_logs_never_hold_keys_or_prompts(server):
@@ -524,8 +514,19 @@ def test_logs_never_hold_keys_or_prompts(server):
     assert CANARY not in log and "rainbow" not in log
 
 
-def test_sigterm_drains_in_flight_requests(server):
+@pytest.fixture
+def own_server(default_model_path, tmp_path):
+    """A server for this test alone (the drain test stops it)."""
+    running = start_server(tmp_path, ["--model", str(default_model_path), "--max-model-len",
+                                      str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25",
+                                      "--drain-timeout", "20"])
+    yield running
+    stop_server(running)
+
+
+def test_sigterm_drains_in_flight_requests(own_server):
     """SIGTERM: /health turns 503, the in-flight stream still completes, the process exits."""
+    server = own_server
     body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 30, "min_tokens": 30,
             "stream": True, "temperature": 0}
     events = []

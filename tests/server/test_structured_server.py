@@ -9,7 +9,6 @@ import json
 import re
 from typing import Literal
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -34,18 +33,6 @@ class City(BaseModel):
     country: str = Field(max_length=30)
     population: int = Field(ge=0, le=40_000_000)
     landmarks: list[Landmark] = Field(max_length=2)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=300)
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=300,
-                      headers={"Authorization": f"Bearer {server.key}"}) as c:
-        yield c
 
 
 def test_the_openai_parse_helper_returns_the_pydantic_model(client):

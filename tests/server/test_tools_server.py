@@ -28,11 +28,6 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key=server.key, max_retries=0, timeout=300)
-
-
 def _check_calls(calls, names=None):
     assert calls
     for call in calls:
