@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tokenmill.catalog.catalog import TOOL_FORMATS
 from tokenmill.server.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL
 from tokenmill.server.tool_stream import ToolCallExtractor, fold, parse
 
@@ -169,3 +170,7 @@ def test_mistral_writes_its_control_token_when_the_tokenizer_has_one():
 
     assert "calls: <[5]> \" [\" call" in MISTRAL.grammar(FUNCTIONS, True, False, Tokenizer())
     assert 'calls: "[TOOL_CALLS]" " [" call' in MISTRAL.grammar(FUNCTIONS, True, False, None)
+
+
+def test_every_catalog_tool_format_has_a_format_and_no_other():
+    assert sorted(FORMATS) == sorted(TOOL_FORMATS)

@@ -14,13 +14,10 @@ it is; abort and a failed step end the request, and its grammar with it.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections import OrderedDict
 
 from tokenmill.sampling_params import StructuredOutputs
-
-log = logging.getLogger(__name__)
 
 COMPILED_CACHE_SIZE = 256  # pristine matchers kept, least recently used evicted first
 # Compact JSON (no whitespace between tokens): the output is what OpenAI's JSON mode writes, and

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime, timezone
 
 from fastapi.responses import JSONResponse
@@ -37,6 +36,7 @@ from tokenmill.server.protocol import Usage
 from tokenmill.server.state import Demand, ServerSettings, ServerState
 from tokenmill.server.streams import ClientDisconnected, guarded, merge, within
 from tokenmill.server.structured import requested_constraint
+from tokenmill.server.tool_formats import ToolFormat
 from tokenmill.server.usage import UsageTally
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Job:
     prompts: list[list[int]]  # token ids of each prompt
     params: SamplingParams  # one for all prompts: the longest decided what fits
     echo: list[str]  # per prompt, the text its choices start with (the echoed prompt, or "")
-    tool_format: Any = None  # chat: the ToolFormat its choices' calls are parsed in (None: text)
+    tool_format: ToolFormat | None = None  # chat: the format its choices' calls are parsed in
 
     @property
     def num_choices(self) -> int:
@@ -129,16 +129,10 @@ class OpenAIServing(ABC):
         return model
 
     def constraint(self, model: ServedModel, req) -> StructuredOutputs | None:
-        """The request's output constraint, compiled (cached by the engine, so the engine's own
-        compile is a lookup): call it off the event loop, a large schema takes up to a second.
-        A constraint that does not compile is a 400 naming its parameter."""
+        """The request's output constraint, compiled: call it off the event loop, a large
+        schema takes up to a second."""
         structured, param = requested_constraint(req)
-        if structured is not None:
-            try:
-                model.engine.engine.grammars.compile(structured)
-            except GrammarError as exc:
-                raise invalid_request(f"Invalid {param}: {exc}", param, "invalid_value") from None
-        return structured
+        return None if structured is None else compiled(model, structured, param)
 
     @staticmethod
     def check_token_ids(model: ServedModel, ids, param: str) -> None:
@@ -448,6 +442,17 @@ async def _tagged(tag: int, outputs: AsyncIterator[RequestOutput]
             yield tag, out
     finally:
         await outputs.aclose()  # aborts the engine request if it is still running
+
+
+def compiled(model: ServedModel, structured: StructuredOutputs,
+             param: str) -> StructuredOutputs:
+    """`structured`, once the model's engine has compiled it (and cached it, so the engine's own
+    compile is a lookup); a constraint that does not compile is a 400 naming `param`."""
+    try:
+        model.engine.engine.grammars.compile(structured)
+    except GrammarError as exc:
+        raise invalid_request(f"Invalid '{param}': {exc}", param, "invalid_value") from None
+    return structured
 
 
 def clean_logprob(value: float) -> float:

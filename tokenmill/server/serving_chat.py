@@ -8,7 +8,6 @@ that made calls finishes with "tool_calls" (unless max_tokens cut it: "length").
 from __future__ import annotations
 
 from tokenmill.engine.outputs import TokenLogprobs
-from tokenmill.engine.structured import GrammarError
 from tokenmill.catalog.templates import TemplateError
 from tokenmill.prompts import render_chat
 from tokenmill.sampling_params import StructuredOutputs
@@ -20,7 +19,7 @@ from tokenmill.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCh
                                        OtherPart, TokenLogprob, ToolCallOut, TopLogprob, Usage)
 from tokenmill.server.serving import (TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE,
                                       ChoiceStream, Job, OpenAIServing, clean_logprob,
-                                      utf8_bytes)
+                                      compiled, utf8_bytes)
 from tokenmill.server.state import Demand
 from tokenmill.server.tool_requests import (check_tools, parses_calls, template_messages,
                                             tool_grammar, tools_bytes)
@@ -64,11 +63,7 @@ class ChatServing(OpenAIServing):
         grammar = tool_grammar(model.tool_format, req, model.tokenizer)
         if grammar is None:
             return super().constraint(model, req)
-        try:
-            model.engine.engine.grammars.compile(grammar)
-        except GrammarError as exc:  # a parameters schema that does not compile
-            raise invalid_request(f"Invalid 'tools': {exc}", "tools", "invalid_value") from None
-        return grammar
+        return compiled(model, grammar, "tools")  # a parameters schema may not compile
 
     @staticmethod
     def render(model: ServedModel, req: ChatCompletionRequest) -> list[int]:

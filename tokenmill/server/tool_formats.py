@@ -138,8 +138,8 @@ GENERIC = ToolFormat(
     opening='{"tool_calls": [', call_prefix="", call_suffix="", separator=", ", closing="]}",
     free_text=r"/[^{\s](.|\n)*/")
 
+# By the catalog's `tool_format` names (catalog.TOOL_FORMATS, which cannot import this layer).
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, GENERIC)}
-TOOL_FORMATS: tuple[str, ...] = tuple(FORMATS)
 
 
 # ---- the prompt side ---------------------------------------------------------------------------
