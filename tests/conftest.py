@@ -22,6 +22,7 @@ SLOW_FIXTURES = frozenset({
     "platform",  # tests/server/test_platform_server.py
     "multi_server",  # tests/server/test_multi_model_server.py
     "fuzz_server",  # tests/server/test_fuzz.py
+    "web_server",  # tests/web/conftest.py
 })
 
 

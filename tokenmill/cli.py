@@ -272,9 +272,11 @@ def serve_command(args) -> int:
     from tokenmill.platform.store import StoreUnavailable, open_store
     from tokenmill.server.auth import ensure_admin_key
     from tokenmill.server.state import ServerSettings
+    from tokenmill.web import mount_web
 
     try:
-        resolved = resolve_specs(load_catalog(args.catalog), args.model or [DEFAULT_MODEL_ID])
+        catalog = load_catalog(args.catalog)
+        resolved = resolve_specs(catalog, args.model or [DEFAULT_MODEL_ID])
         shares = kv_shares(len(resolved), args.kv_cache_gib)
         _check_memory(resolved, shares, args)
     except (CatalogError, UsageError) as exc:
@@ -315,6 +317,7 @@ def serve_command(args) -> int:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
     app = build_app(served, settings)
+    mount_web(app, catalog)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s,
                                timeout_keep_alive=5)

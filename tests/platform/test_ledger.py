@@ -107,3 +107,34 @@ def test_totals_per_key_model_and_utc_day_are_exact(ledger, key_ids):
     assert totals.by_day == {"2026-12-01": 10 ** 15 + 4, "2026-12-02": 2}
     assert ledger.totals(key_id=bob).by_key == {bob: 3}
     assert ledger.totals(model="m/b", start=T0 + timedelta(hours=1)).by_day == {"2026-12-02": 2}
+
+
+def test_daily_groups_requests_tokens_and_cost_per_utc_day_key_and_model(ledger, key_ids):
+    from tokenmill.platform.ledger import UsageGroup
+
+    alice, bob = key_ids
+    ledger.record(entry("a1", alice, minute=0, model="m/a", cost=10 ** 15 + 1))
+    ledger.record(entry("a2", alice, minute=30, model="m/a", cost=4, status="aborted"))
+    ledger.record(entry("a3", alice, minute=12 * 60 + 1, model="m/b", cost=2))  # the next day
+    ledger.record(entry("b1", bob, minute=5, model="m/a", cost=3))
+    assert ledger.daily(alice) == [
+        UsageGroup("2026-12-01", alice, "m/a", 2, 20, 4, 10, 10 ** 15 + 5),
+        UsageGroup("2026-12-02", alice, "m/b", 1, 10, 2, 5, 2)]
+    assert ledger.daily() == [
+        UsageGroup("2026-12-01", alice, "m/a", 2, 20, 4, 10, 10 ** 15 + 5),
+        UsageGroup("2026-12-01", bob, "m/a", 1, 10, 2, 5, 3),
+        UsageGroup("2026-12-02", alice, "m/b", 1, 10, 2, 5, 2)]
+    assert ledger.daily(alice, start=T0 + timedelta(hours=1)) == [
+        UsageGroup("2026-12-02", alice, "m/b", 1, 10, 2, 5, 2)]
+    assert ledger.daily(bob, end=T0) == []
+
+
+def test_recent_lists_the_newest_records_first_for_one_key_or_all(ledger, key_ids):
+    alice, bob = key_ids
+    for minute, rid, key in [(0, "a1", alice), (1, "b1", bob), (2, "a2", alice), (2, "a3", alice)]:
+        ledger.record(entry(rid, key, minute=minute))
+    assert [e.id for e in ledger.recent(alice)] == ["a3", "a2", "a1"]  # ties: by id, descending
+    assert [e.id for e in ledger.recent(alice, limit=2)] == ["a3", "a2"]
+    assert [e.id for e in ledger.recent(limit=3)] == ["a3", "a2", "b1"]
+    with pytest.raises(ValueError):
+        ledger.recent(alice, limit=0)

@@ -139,7 +139,7 @@ def test_admin_routes_are_403_to_a_user_key(platform):
     base = platform.server.base_url
     for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"),
                          ("PATCH", "/admin/keys/plain-user"), ("DELETE", "/admin/keys/plain-user"),
-                         ("GET", "/admin/usage")):
+                         ("GET", "/admin/usage"), ("GET", "/admin/usage/summary")):
         r = httpx.request(method, base + path, headers=auth(user), json={"name": "x"}, timeout=30)
         assert_openai_error(r, 403, "permission_denied")
     r = httpx.get(base + "/admin/keys", headers=auth(platform.server.key), timeout=30)
@@ -178,6 +178,36 @@ def test_usage_rows_add_up_to_what_the_responses_reported_and_stay_with_their_ke
     assert pico(mine["total_cost"]) == sum(pico(row["cost"]) for row in rows.values())
     [bobs_row] = usage(platform, bob)["data"]
     assert bobs_row["id"] == bobs.json()["id"]
+
+
+def test_the_usage_summary_adds_up_the_keys_own_records_per_day_and_model(platform):
+    carol = platform.new_key("carol", "--rpm", "100", "--budget", "2.5")
+    done = [chat(platform, carol) for _ in range(2)] + [chat(platform, platform.server.key)]
+    assert {r.status_code for r in done} == {200}
+    r = httpx.get(platform.server.v1 + "/usage/summary", headers=auth(carol), timeout=30)
+    assert r.status_code == 200, r.text
+    summary, rows = r.json(), usage(platform, carol)["data"]
+    [key] = summary["keys"]
+    assert (key["name"], key["rpm"], key["budget"]) == ("carol", 100, 2.5)
+    spent = sum(pico(row["cost"]) for row in rows)
+    assert pico(key["spend"]) == spent and pico(key["remaining_budget"]) == pico(2.5) - spent
+    [day] = summary["days"]  # two requests today, one model
+    assert (day["key"], day["model"], day["requests"]) == ("carol", MODEL_ID, 2)
+    assert (day["prompt_tokens"], day["completion_tokens"]) == (
+        sum(row["prompt_tokens"] for row in rows), sum(row["completion_tokens"] for row in rows))
+    assert pico(day["cost"]) == pico(summary["total_cost"]) == spent
+    assert [rec["id"] for rec in summary["recent"]] == [row["id"] for row in reversed(rows)]
+
+    r = httpx.get(platform.server.base_url + "/admin/usage/summary",
+                  headers=auth(platform.server.key), timeout=30)
+    assert r.status_code == 200, r.text
+    every = r.json()
+    assert {"carol", "admin"} <= {k["name"] for k in every["keys"]}
+    assert {d["key"] for d in every["days"]} >= {"carol", "admin"}
+    assert done[-1].json()["id"] in {rec["id"] for rec in every["recent"]}
+    r = httpx.get(platform.server.v1 + "/usage/summary", headers=auth(carol),
+                  params={"start": "yesterday"}, timeout=30)
+    assert_openai_error(r, 400, "invalid_value")
 
 
 def test_a_stream_the_client_abandons_leaves_one_aborted_record_of_what_was_made(platform):

@@ -49,6 +49,20 @@ class UsageTotals:
 
 
 @dataclass(frozen=True)
+class UsageGroup:
+    """What one key spent on one model in one UTC day, summed by the database."""
+
+    day: str  # YYYY-MM-DD, UTC
+    key_id: int
+    model: str
+    requests: int  # records, whatever their status
+    prompt_tokens: int
+    cached_tokens: int  # of prompt_tokens
+    completion_tokens: int
+    cost_pico: int
+
+
+@dataclass(frozen=True)
 class UsagePage:
     data: list[UsageEntry]  # oldest first
     total_cost_pico: int  # over the whole selection, not only this page
@@ -92,9 +106,7 @@ class Ledger:
                                   | ((UsageRecord.created_at == cursor.created_at)
                                      & (UsageRecord.id > cursor.id)))
             rows = session.scalars(page.order_by(*order).limit(limit + 1)).all()
-        entries = [UsageEntry(**{name: getattr(row, name)
-                                 for name in UsageEntry.__dataclass_fields__})
-                   for row in rows[:limit]]
+        entries = [_entry(row) for row in rows[:limit]]
         return UsagePage(entries, int(total), len(rows) > limit)
 
     def totals(self, *, start: datetime | None = None, end: datetime | None = None,
@@ -103,10 +115,7 @@ class Ledger:
         key, per model and per UTC day, summed by the database."""
         where = _filters(key_id, start, end, model)
         cost = func.sum(UsageRecord.cost_pico)
-        if self.store.engine.dialect.name == "postgresql":
-            day = cast(func.timezone("UTC", UsageRecord.created_at), Date)
-        else:  # SQLite holds naive UTC text
-            day = func.date(UsageRecord.created_at)
+        day = self._day()
         with self.store.read() as session:
             def grouped(column) -> dict:
                 rows = session.execute(select(column, cost).where(*where).group_by(column)
@@ -116,6 +125,37 @@ class Ledger:
             by_key, by_model, by_day = (grouped(UsageRecord.key_id),
                                         grouped(UsageRecord.model), grouped(day))
         return UsageTotals(by_key, by_model, {str(d): v for d, v in by_day.items()})
+
+    def daily(self, key_id: int | None = None, *, start: datetime | None = None,
+              end: datetime | None = None) -> list[UsageGroup]:
+        """Requests, tokens and cost of the records created in [start, end) (of `key_id` if
+        given) per UTC day, key and model, ordered so."""
+        day = self._day()
+        columns = (day, UsageRecord.key_id, UsageRecord.model)
+        sums = [func.count()] + [func.sum(c) for c in (
+            UsageRecord.prompt_tokens, UsageRecord.cached_tokens, UsageRecord.completion_tokens,
+            UsageRecord.cost_pico)]
+        statement = (select(*columns, *sums).where(*_filters(key_id, start, end, None))
+                     .group_by(*columns).order_by(*columns))
+        with self.store.read() as session:
+            rows = session.execute(statement).all()
+        return [UsageGroup(str(d), k, m, *(int(v) for v in values))
+                for d, k, m, *values in rows]
+
+    def recent(self, key_id: int | None = None, limit: int = 20) -> list[UsageEntry]:
+        """The `limit` newest records (of `key_id` if given), newest first."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        statement = (select(UsageRecord).where(*_filters(key_id, None, None, None))
+                     .order_by(UsageRecord.created_at.desc(), UsageRecord.id.desc()).limit(limit))
+        with self.store.read() as session:
+            return [_entry(row) for row in session.scalars(statement)]
+
+    def _day(self):
+        """The UTC day of a record's creation, as the database computes it."""
+        if self.store.engine.dialect.name == "postgresql":
+            return cast(func.timezone("UTC", UsageRecord.created_at), Date)
+        return func.date(UsageRecord.created_at)  # SQLite holds naive UTC text
 
     def spend(self, key_id: int) -> int:
         """Everything `key_id` was billed, picodollars."""
@@ -137,3 +177,7 @@ def _filters(key_id: int | None, start: datetime | None, end: datetime | None,
     if model is not None:
         where.append(UsageRecord.model == model)
     return where
+
+
+def _entry(row: UsageRecord) -> UsageEntry:
+    return UsageEntry(**{name: getattr(row, name) for name in UsageEntry.__dataclass_fields__})

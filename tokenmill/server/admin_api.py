@@ -7,18 +7,18 @@ is nothing to administer and every route is a 400. Store work runs in worker thr
 from __future__ import annotations
 
 import asyncio
-from datetime import date, datetime
-from typing import Any
+from datetime import date
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from tokenmill.catalog.pricing import pico_to_usd
-from tokenmill.platform.keys import UNSET, KeyInfo
+from tokenmill.platform.keys import UNSET
 from tokenmill.platform.store import StoreUnavailable
 from tokenmill.server.errors import invalid_request, not_found, permission_denied, unavailable
 from tokenmill.server.state import ServerSettings
-from tokenmill.server.usage_api import parse_time, record_out, usage_page
+from tokenmill.server.usage_api import (key_out, parse_time, record_out, usage_page,
+                                        usage_summary)
 
 
 class KeyCreate(BaseModel):
@@ -40,19 +40,6 @@ class KeyChange(BaseModel):
     tpm: int | None = None
     budget: str | float | None = None
     models: list[str] | None = None
-
-
-def key_out(info: KeyInfo) -> dict[str, Any]:
-    """A key as the admin API shows it: never the key, money in USD."""
-    def when(value: datetime | None) -> int | None:
-        return None if value is None else int(value.timestamp())
-
-    return {"name": info.name, "display": info.display, "admin": info.admin, "rpm": info.rpm,
-            "tpm": info.tpm, "models": None if info.models is None else list(info.models),
-            "budget": None if info.budget_pico is None else pico_to_usd(info.budget_pico),
-            "spend": pico_to_usd(info.spend_pico), "status": info.status,
-            "expires_at": when(info.expires_at), "created": when(info.created_at),
-            "last_used_at": when(info.last_used_at)}
 
 
 def admin_router(settings: ServerSettings) -> APIRouter:
@@ -127,6 +114,11 @@ def admin_router(settings: ServerSettings) -> APIRouter:
                            for k, v in totals.by_key.items()},
                 "by_model": {m: pico_to_usd(v) for m, v in totals.by_model.items()},
                 "by_day": {d: pico_to_usd(v) for d, v in totals.by_day.items()}}
+
+    @router.get("/usage/summary")
+    async def all_usage_summary(start: str | None = None, end: str | None = None):
+        """/v1/usage/summary over every key: each key's limits and spend, and every key's days."""
+        return await usage_summary(settings.keys, settings.ledger, None, start=start, end=end)
 
     return router
 

@@ -26,7 +26,7 @@ from tokenmill.server.protocol import (ChatCompletionRequest, ChatCompletionResp
 from tokenmill.server.serving_chat import ChatServing
 from tokenmill.server.serving_completion import CompletionServing
 from tokenmill.server.state import ServerSettings, ServerState
-from tokenmill.server.usage_api import usage_of
+from tokenmill.server.usage_api import usage_of, usage_summary
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
             except Exception:
                 log.exception("engine of %s did not stop cleanly", model.id)
 
+    # No /docs or /redoc: their pages load scripts from a CDN, and every page this server serves
+    # works offline (the schema is at /openapi.json).
     app = FastAPI(title="tokenmill", version=tokenmill.__version__,
-                  description="OpenAI-compatible inference server", lifespan=lifespan)
+                  description="OpenAI-compatible inference server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.server_state = state
     app.state.metrics = metrics
     app.state.models = models
@@ -83,6 +86,14 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
         principal = getattr(request.state, "principal", None)
         return await usage_of(settings.ledger, principal and principal.key_id, start=start,
                               end=end, model=model, limit=limit, after=after)
+
+    @v1.get("/usage/summary")
+    async def summarize_usage(request: Request, start: str | None = None, end: str | None = None):
+        principal = getattr(request.state, "principal", None)
+        if principal is None:  # --no-auth: nothing is recorded (a 400), never every key's usage
+            return await usage_summary(None, None, None, start=start, end=end)
+        return await usage_summary(settings.keys, settings.ledger, principal.name, start=start,
+                                   end=end)
 
     @v1.get("/models", response_model=ModelList)
     async def list_models():

@@ -1,6 +1,7 @@
 """The ASGI guard in front of every route: one log line per request, Bearer auth on /v1,
 503 while draining, and the request-body limit (413), all before the body is parsed; on the way
-out, the caller's x-ratelimit-* headers and an x-request-id on every response, and the one 500
+out, the caller's x-ratelimit-* headers, an x-request-id and the headers that keep browsers from
+guessing content types or leaking URLs (nosniff, no referrer) on every response, and the one 500
 for any error no route handled.
 """
 
@@ -18,6 +19,7 @@ from tokenmill.server.errors import APIError, internal_error, too_large, unavail
 from tokenmill.server.state import ServerState
 
 log = logging.getLogger("tokenmill.http")
+SAFE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
 
 
 class GuardMiddleware:
@@ -41,7 +43,7 @@ class GuardMiddleware:
                 status = message["status"]
                 message = self._with_rate_headers(scope, message)
                 message["headers"] = [*message.get("headers", ()),
-                                      (b"x-request-id", request_id.encode())]
+                                      (b"x-request-id", request_id.encode()), *SAFE_HEADERS]
             await send(message)
 
         try:
