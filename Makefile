@@ -10,11 +10,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# The official `openai` npm package for the JavaScript example test, vendored once at set-up
-# (that test is skipped where node, npm or the registry is missing).
+# The official `openai` npm package for the JavaScript example tests and axe-core for the browser
+# tests, vendored once at set-up (those checks are skipped where node, npm or the registry is
+# missing).
 JS := tests/server/js
 
-.PHONY: serve test model bench clean
+.PHONY: serve test model browser bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tokenmill needs Python >= 3.11"'
@@ -35,13 +36,25 @@ $(JS)/node_modules/.installed: $(JS)/package.json
 	    || echo "npm install failed: the JavaScript example test will be skipped"; \
 	else echo "npm not found: the JavaScript example test will be skipped"; fi
 
+# Debian's chromium for the browser tests (tests/web), installed once where this runs as root with
+# apt-get; elsewhere those tests are skipped with the reason. Playwright drives it: never a browser
+# of Playwright's own download.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { echo "installing Debian's chromium for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } \
+	  || echo "chromium could not be installed: the browser tests will be skipped"
+
 model: $(BIN)/.installed
 	$(BIN)/python -c 'from tokenmill.models.default import main; main()'
 
 serve: model
 	$(BIN)/tokenmill serve --host $(HOST) --port $(PORT)
 
-test: model $(JS)/node_modules/.installed
+test: model browser $(JS)/node_modules/.installed
 	$(BIN)/ruff check tokenmill tests benchmarks
 	$(BIN)/python -m pytest -q -ra
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "tokenmill"
 
 # package -> the tokenmill packages and top-level modules it may import
 ALLOWED = {
+    "web": {"server", "catalog"},
     "server": {"platform", "catalog", "engine", "prompts", "sampling_params", "config"},
     "platform": {"catalog", "models"},
     "catalog": {"models"},

@@ -300,6 +300,9 @@ async def test_no_auth(engine):
     c, _ = make_client(engine, None)
     async with c:
         assert (await c.get("/v1/models")).status_code == 200
+        # Nothing is recorded without keys: a 400 that says so, never every key's usage.
+        for path in ("/v1/usage", "/v1/usage/summary"):
+            assert_error(await c.get(path), 400, code="usage_not_recorded")
 
 
 async def test_models(client, engine):

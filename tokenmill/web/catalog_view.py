@@ -32,9 +32,11 @@ class ModelView:
 
 
 def usd_per_million(micro: int) -> str:
-    """A price of micro-USD per 1M tokens as USD text with the digits it has: 390000 -> "0.39"."""
-    text = format(Decimal(micro) / MICRO, "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    """A price of micro-USD per 1M tokens as USD text: cents always, finer digits where the
+    price has them (390000 -> "0.39", 1500000 -> "1.50", 65 -> "0.000065")."""
+    usd = Decimal(micro) / MICRO
+    return format(max(usd.normalize(), usd.quantize(Decimal("0.01")),
+                      key=lambda d: -d.as_tuple().exponent), "f")
 
 
 def model_views(catalog: Catalog, models: ServedModels) -> list[ModelView]:

@@ -43,7 +43,7 @@ function javascript(value) {
 function curl(base, body, auth) {
   const json = JSON.stringify(body, null, 2).replaceAll("'", "'\\''");
   const lines = [];
-  if (auth) lines.push(`export ${KEY_ENV}="sk-tm-..."  # your API key`, "");
+  if (auth) lines.push(`# Your API key in ${KEY_ENV} first: export ${KEY_ENV}=sk-tm-...`);
   lines.push(`curl${body.stream ? " -N" : ""} "${base}/chat/completions" \\`,
     '  -H "Content-Type: application/json" \\');
   if (auth) lines.push(`  -H "Authorization: Bearer \${${KEY_ENV}}" \\`);
@@ -124,6 +124,7 @@ export function exampleBodies(model) {
         { role: "user", content: "Name three primary colours, as {\"colours\": [...]}." },
       ],
       max_tokens: 512,
+      temperature: 0, // the likeliest tokens: a structured answer, the same every time
       response_format: { type: "json_object" },
     },
   };
