@@ -23,6 +23,7 @@ SLOW_FIXTURES = frozenset({
     "multi_server",  # tests/server/test_multi_model_server.py
     "fuzz_server",  # tests/server/test_fuzz.py
     "web_server",  # tests/web/conftest.py
+    "bench_server",  # tests/bench/test_bench_live.py
 })
 
 

@@ -1,6 +1,6 @@
 """The `tokenmill` command: `serve` models behind an OpenAI-compatible API, `pull` a model from
 the Hugging Face Hub, list the catalog with `models`, manage API keys with `keys`, check a
-running server with `health`."""
+running server with `health`, load-test servers with `bench`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from tokenmill import __version__
+from tokenmill.bench.command import add_bench_parser
 from tokenmill.keys_cli import add_keys_parser
 
 log = logging.getLogger("tokenmill")
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     health.set_defaults(run=health_command)
 
     add_keys_parser(sub)
+    add_bench_parser(sub)
 
     args = parser.parse_args(argv)
     return args.run(args)
