@@ -83,28 +83,30 @@ def browser():
 
 
 class WatchedPage:
-    """A page and the console errors and uncaught errors it logged."""
+    """A page and the console errors and uncaught errors it logged, but for the console errors
+    that are exactly one of `allowed` (chromium logs every 4xx response as one)."""
 
-    def __init__(self, page):
+    def __init__(self, page, allowed: tuple[str, ...]):
         self.page = page
         self.errors: list[str] = []
-        page.on("console", lambda m: m.type == "error" and self.errors.append(
-            f"console: {m.text} ({m.location.get('url')})"))
+        page.on("console", lambda m: m.type == "error" and m.text not in allowed and
+                self.errors.append(f"console: {m.text} ({m.location.get('url')})"))
         page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
 
 
 @pytest.fixture
 def open_page(browser, web_server):
-    """open_page(path, viewport=DESKTOP): a new context (clean localStorage, clipboard allowed)
-    at web_server's `path`; fails the test at teardown if any page logged an error."""
+    """open_page(path, viewport=DESKTOP, allowed=()): a new context (clean localStorage,
+    clipboard allowed) at web_server's `path`; fails the test at teardown if any page logged an
+    error other than the console messages in `allowed`."""
     contexts, watched = [], []
 
-    def open_(path: str, viewport: dict = DESKTOP):
+    def open_(path: str, viewport: dict = DESKTOP, allowed: tuple[str, ...] = ()):
         context = browser.new_context(viewport=viewport, base_url=web_server.base_url)
         context.grant_permissions(["clipboard-read", "clipboard-write"])
         contexts.append(context)
         page = context.new_page()
-        watched.append(WatchedPage(page))
+        watched.append(WatchedPage(page, allowed))
         page.goto(path)
         return page
 
@@ -151,3 +153,8 @@ def model_id() -> str:
 def have_node_openai() -> bool:
     return bool(shutil.which("node")) and (
         AXE.parent.parent / "openai" / "package.json").exists()
+
+
+def refused(status: int, reason: str) -> str:
+    """The console error chromium logs for a response with this status."""
+    return f"Failed to load resource: the server responded with a status of {status} ({reason})"

@@ -89,9 +89,12 @@ export function el(tag, attrs = {}, ...children) {
 
 export const integer = (n) => Number(n).toLocaleString("en-US");
 
-// USD: cents from one cent up; below, two significant digits, at most 8 decimals ($0.0000012).
+// USD: cents from one cent up; below, two significant digits ($0.0000012), in exponent form
+// below 1e-8 ($1.5e-10: a catalog may price a token at a picodollar).
 export function usd(amount) {
-  if (amount === 0 || Math.abs(amount) >= 0.01) return `$${amount.toFixed(2)}`;
-  const digits = Math.min(8, 1 - Math.floor(Math.log10(Math.abs(amount))));
+  const size = Math.abs(amount);
+  if (amount === 0 || size >= 0.01) return `$${amount.toFixed(2)}`;
+  if (size < 1e-8) return `$${amount.toPrecision(2)}`;
+  const digits = 1 - Math.floor(Math.log10(size));
   return `$${amount.toFixed(digits).replace(/0+$/, "")}`;
 }
