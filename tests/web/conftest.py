@@ -67,7 +67,9 @@ def web_server(default_model_path, tmp_path_factory):
     stop_server(running)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an event loop running on this thread
+# while it is started, and pytest-asyncio cannot run the async tests of later modules under it.
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium with "
