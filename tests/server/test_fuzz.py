@@ -88,6 +88,7 @@ ROUTES = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/usage"),
+    ("GET", "/v1/usage/summary"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/admin/keys"),
@@ -95,6 +96,7 @@ ROUTES = [
     ("PATCH", "/admin/keys/{name}"),
     ("DELETE", "/admin/keys/{name}"),
     ("GET", "/admin/usage"),
+    ("GET", "/admin/usage/summary"),
     ("GET", "/health"),
     ("GET", "/metrics"),
 ]
