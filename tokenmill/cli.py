@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     opt = dict(default=argparse.SUPPRESS)
     serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16", **opt)
     serve.add_argument("--device", help="auto, cpu or cuda", **opt)
+    serve.add_argument("--quantization", choices=("none", "bf16", "int8", "int4"), **opt,
+                       help="how a CPU float32 model's linear weights are stored and run: none "
+                            "(float32), bf16, or int8/int4 weight-only (with bfloat16 matmuls "
+                            "for prefill-sized batches where measured faster); default none")
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
     serve.add_argument("--db", metavar="URL",
                        help="the platform store (keys, usage): sqlite:///PATH or "
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- serve --------------------------------------------------------------------------------------
 
-ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
+ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                  "quantization")
 FAILURE_OPTIONS = ("max_step_failures", "step_failure_window_s")
 ENGINE_DEAD_STATUS = 3  # the exit status of a server whose engine was declared dead
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences",

@@ -70,7 +70,8 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = self.config.scheduler.max_model_len
-        self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model)
+        self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model,
+                                  config.quantization)
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
                                    loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -55,16 +55,13 @@ def padded_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-def packed_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose linears (and tied LM head) are packed; the original is untouched.
-
-    Only the module tree is copied: every tensor is shared (deepcopy's memo maps each to itself),
-    and the packed weights replace the linears in the copy alone. So a LoadedModel stays what it
-    was loaded as, whoever runs it, and the plain linear weights are freed once the caller drops
-    the original; until then both copies are held.
-    """
+def model_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s module tree sharing every tensor (deepcopy's memo maps each to
+    itself): its linears can be replaced (packed, quantized) in the copy alone, so a LoadedModel
+    stays what it was loaded as, whoever runs it; its plain weights are freed once the caller
+    drops the original, and until then both are held."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return pack_in_place(copy.deepcopy(model, memo=shared))
+    return copy.deepcopy(model, memo=shared)
 
 
 def pack_in_place(model: nn.Module) -> nn.Module:

@@ -6,15 +6,22 @@ each row whose chunk reaches its request's last known token, and samples those r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
+from tokenmill.models.default import tokenmill_home
 from tokenmill.models.loader import LoadedModel
-from tokenmill.runner.cpu_linear import can_pack, pack_in_place, packed_copy
+from tokenmill.runner.cpu_linear import can_pack, model_copy, pack_in_place
+from tokenmill.runner.linear_plan import apply_plan, linear_shapes, plan_for
 from tokenmill.runner.grammar_mask import GrammarMasks
 from tokenmill.runner.input_batch import InputBatch
 from tokenmill.runner.sampler import Sampler
+
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -25,9 +32,11 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig, device: torch.device,
-                 dtype: torch.dtype, owns_model: bool = False):
-        """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may pack its linears
-        in place, freeing each plain weight as it goes, instead of packing a copy."""
+                 dtype: torch.dtype, owns_model: bool = False, quantization: str = "none"):
+        """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may replace its
+        linears in place, freeing each plain weight as it goes, instead of in a copy.
+        `quantization` (CPU float32 only): none packs the float32 linears for oneDNN; bf16,
+        int8 and int4 run them as runner/linear_plan.py measures best on this CPU."""
         if cache_config.num_blocks <= 0:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
@@ -44,7 +53,18 @@ class ModelRunner:
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
         self.grammar_masks = GrammarMasks(c.vocab_size)
         if can_pack(device, dtype):
-            self.model = pack_in_place(self.model) if owns_model else packed_copy(self.model)
+            model = self.model if owns_model else model_copy(self.model)
+            if quantization == "none":
+                self.model = pack_in_place(model)
+            else:
+                plan = plan_for(quantization, linear_shapes(model), tokenmill_home() / "cache" /
+                                "linear-plans")
+                apply_plan(model, plan)
+                self.model = model
+                log.info("linears: %s", plan.describe())
+        elif quantization != "none":
+            raise ValueError(f"quantization {quantization!r} is for float32 models on the CPU, "
+                             f"not {str(dtype).removeprefix('torch.')} on {device}")
 
     def reset_request_state(self) -> None:
         """Forget what the runner keeps per request across steps (the sampler's penalty state;
