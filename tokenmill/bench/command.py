@@ -93,11 +93,13 @@ def bench_command(args) -> int:
         levels = [Level("rate", r) for r in args.request_rate]
     else:
         levels = [Level("concurrency", int(c)) for c in (args.concurrency or [1, 8, 32])]
-    per_level = args.num_prompts or max(
-        (max(16, 4 * int(level.value)) if level.mode == "concurrency" else 32)
-        for level in levels)
-    print(f"tokenmill bench: {args.dataset} prompts, {per_level} requests per level, "
-          f"{len(levels)} levels; CPU: {report.cpu_model()}", flush=True)
+    counts = {level: args.num_prompts or (max(16, 4 * int(level.value))
+                                          if level.mode == "concurrency" else 32)
+              for level in levels}
+    per_level = max(counts.values())
+    print(f"tokenmill bench: {args.dataset} prompts, "
+          f"{', '.join(f'{counts[v]} at {v.label}' for v in levels)}; CPU: {report.cpu_model()}",
+          flush=True)
     tokenizer = load_tokenizer(args.tokenizer)
     try:
         requests = make_requests(args.dataset, per_level, tokenizer=tokenizer,
@@ -119,13 +121,14 @@ def bench_command(args) -> int:
               f"{summary['completed']} completed, {summary['failed']} failed", flush=True)
 
     summaries = asyncio.run(run_all(targets, requests, levels, temperature=args.temperature,
-                                    seed=args.seed, rounds=args.rounds, on_result=show))
+                                    seed=args.seed, rounds=args.rounds, on_result=show,
+                                    counts=counts))
     print()
     print(report.table(summaries))
     workload = {key: getattr(args, key) for key in (
         "dataset", "input_len", "output_len", "range_ratio", "prefix_len", "temperature",
         "seed", "rounds")}
-    workload["requests_per_level"] = per_level
+    workload["requests_per_level"] = {v.label: n for v, n in counts.items()}
     if args.dataset != "shared-prefix":
         workload.pop("prefix_len")
     if args.output:

@@ -82,14 +82,15 @@ async def run_level(target: Target, requests: list[BenchRequest], level: Level, 
 
 async def run_all(targets: list[Target], requests: list[BenchRequest], levels: list[Level], *,
                   temperature: float = 0.0, seed: int = 0, rounds: int = 1,
-                  on_result=None) -> list[dict]:
-    """Every level against every target, interleaved, `rounds` times; `on_result(summary)` as
-    each run ends."""
+                  on_result=None, counts: dict[Level, int] | None = None) -> list[dict]:
+    """Every level against every target, interleaved, `rounds` times; a level runs the first
+    `counts[level]` requests (default: all); `on_result(summary)` as each run ends."""
     summaries = []
     for _ in range(rounds):
         for level in levels:
+            batch = requests[:counts[level]] if counts else requests
             for target in targets:
-                summary = await run_level(target, requests, level, temperature=temperature,
+                summary = await run_level(target, batch, level, temperature=temperature,
                                           seed=seed)
                 summaries.append(summary)
                 if on_result is not None:
