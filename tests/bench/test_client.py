@@ -45,6 +45,11 @@ async def chat(request: Request):
     if script == "no-usage":  # a server that ignores stream_options: chunks are counted
         return StreamingResponse(iter([sse(delta("a"), delta("b"), "[DONE]")]),
                                  media_type="text/event-stream")
+    if script == "no-done":  # cut off: the last chunk, then nothing
+        return StreamingResponse(iter([sse(delta("a"))]), media_type="text/event-stream")
+    if script == "odd-shape":  # valid JSON that is not a chunk
+        return StreamingResponse(iter([sse(delta("a"), 5, "[DONE]")]),
+                                 media_type="text/event-stream")
     if script == "broken":
         return StreamingResponse(iter([sse(delta("a"), {"error": {"message": "engine died"}})]),
                                  media_type="text/event-stream")
@@ -110,6 +115,10 @@ def test_refusals_and_broken_streams_are_errors_with_the_servers_message(server_
     assert not refused.ok and refused.error == "HTTP 429: Rate limit reached"
     broken = run(one(server_url, "broken"))
     assert not broken.ok and broken.error == "stream error: engine died"
+    cut = run(one(server_url, "no-done"))
+    assert not cut.ok and cut.error == "the stream ended without [DONE]"
+    odd = run(one(server_url, "odd-shape"))
+    assert not odd.ok and odd.error == "AttributeError"
     unreachable = run(one("http://127.0.0.1:9", "ok"))
     assert not unreachable.ok and unreachable.error == "ConnectError"
 

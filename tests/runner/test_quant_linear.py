@@ -12,7 +12,7 @@ from torch import nn
 
 from tokenmill.runner import linear_plan
 from tokenmill.runner.linear_plan import (LinearPlan, MklLinear, apply_plan, choose,
-                                          linear_shapes, plan_for)
+                                          kernel_for, linear_shapes, plan_for)
 from tokenmill.runner.quant_linear import (INT4_GROUP, Bf16Linear, Int4Linear, Int8Linear,
                                            RowDispatch)
 
@@ -186,3 +186,30 @@ def test_quantization_is_refused_for_a_model_not_run_in_float32_on_the_cpu(tiny_
 
     with pytest.raises(ValueError, match="quantization 'int8' is for float32 models on the CPU"):
         LLM(str(tiny_llama_dir), quantization="int8", kv_cache_gib=0.01, dtype="bfloat16")
+
+
+def test_a_weight_a_kernel_cannot_take_goes_to_the_next_wider_one():
+    assert kernel_for("int4", (64, 64)) == "int4"
+    assert kernel_for("int4", (64, 64), head=True) == "int8"
+    assert kernel_for("int4", (24, 64)) == "int8"  # N not in 16s
+    assert kernel_for("int4", (64, 48)) == "int8"  # K not in groups of 32
+    assert kernel_for("int4", (64, 40)) == "bf16"  # nor in 16s: int8's kernel miscomputes it
+    assert kernel_for("int8", (64, 40)) == "bf16"
+    assert kernel_for("int8", (33, 48)) == "int8"
+    torch.manual_seed(4)
+    w, x = torch.randn(33, 40), torch.randn(3, 40)
+    module = LinearPlan("int8", "int8", "int8", 128, {}).build(w)
+    assert isinstance(module, Bf16Linear)
+    torch.testing.assert_close(module(x), x @ w.T, rtol=2e-2, atol=5e-2)
+
+
+def test_an_unreadable_cached_plan_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(linear_plan, "_time_kernel", lambda kernel, shapes, rows: {
+        m: (m if kernel == "int8" else 4.0) for m in rows})
+    shapes = Counter({(64, 32): 3})
+    plan = plan_for("int8", shapes, tmp_path)
+    [cached] = tmp_path.glob("*.json")
+    cached.write_text('{"quantization": "int8", "sma')  # cut off by a full disk
+    assert plan_for("int8", shapes, tmp_path) == plan
+    assert plan_for("int8", shapes, tmp_path) == plan  # rewritten whole
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no partial file left

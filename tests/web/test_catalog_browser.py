@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DESKTOP, HOSTILE_ID, HOSTILE_SUMMARY, PHONE, axe_violations,
+from browser_kit import (DESKTOP, HOSTILE_ID, HOSTILE_SUMMARY, PHONE, axe_violations,
                       have_node_openai, screenshot)
 
 JS_DIR = Path(__file__).parent.parent / "server" / "js"  # its node_modules has `openai`

@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import DESKTOP, PHONE, axe_violations, refused, screenshot, sign_in
+from browser_kit import DESKTOP, PHONE, axe_violations, refused, screenshot, sign_in
 
 REPLY_TIMEOUT_MS = 120_000  # a CPU server shared with other tests: generous, never asserted
 # name: (API default, min, max or None when unbounded); max_tokens: the server's default and

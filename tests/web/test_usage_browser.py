@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from conftest import DESKTOP, PHONE, axe_violations, refused, screenshot, sign_in
+from browser_kit import DESKTOP, PHONE, axe_violations, refused, screenshot, sign_in
 
 PROMPTS = ["Say hi.", "Count to three.", "Name a colour."]
 

@@ -57,7 +57,7 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, request: BenchR
     """Send `request` streamed and time it; a failure is a result with its error, never an
     exception."""
     result = RequestResult()
-    usage = None
+    usage, finished = None, False
     start = time.perf_counter()
     try:
         async with client.stream("POST", target.url + "/chat/completions",
@@ -72,6 +72,7 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, request: BenchR
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    finished = True
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):
@@ -84,7 +85,7 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, request: BenchR
                         result.ttft = now
                     result.chunk_times.append(now)
                 usage = chunk.get("usage") or usage
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # a network error, or a chunk of an unexpected shape: one failure
         result.error = type(exc).__name__
         return result
     result.latency = time.perf_counter() - start
@@ -93,9 +94,11 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, request: BenchR
         result.output_tokens = usage.get("completion_tokens") or 0
     else:  # a server without include_usage: each content chunk counted as one token
         result.output_tokens = len(result.chunk_times)
-    result.ok = result.ttft is not None
-    if not result.ok:
+    if not finished:
+        result.error = "the stream ended without [DONE]"
+    elif result.ttft is None:
         result.error = "no content in the stream"
+    result.ok = result.error is None
     return result
 
 

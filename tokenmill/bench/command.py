@@ -12,6 +12,16 @@ from pathlib import Path
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be 1 or more")
+    return values
+
+
 def _numbers(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -28,8 +38,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--url", default=DEFAULT_URL, help=f"the server (default: {DEFAULT_URL})")
     bench.add_argument("--model", help="the model id to request (default: the server's first)")
     bench.add_argument("--api-key", help="the API key sent to every target (default: "
-                                         "$TOKENMILL_API_KEY, else $TOKENMILL_HOME/admin.key "
-                                         "when it exists; servers without keys ignore it)")
+                                         "$TOKENMILL_API_KEY; else $TOKENMILL_HOME/admin.key, "
+                                         "sent to --url only, never to a --compare server)")
     bench.add_argument("--compare", action="append", default=[], metavar="[NAME=]URL",
                        help="another server run through the same workload, interleaved "
                             "(repeatable; its first listed model is used)")
@@ -42,7 +52,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared system prompt tokens (shared-prefix)")
     loop = bench.add_mutually_exclusive_group()
-    loop.add_argument("--concurrency", type=_numbers, default=None, metavar="C[,C...]",
+    loop.add_argument("--concurrency", type=_counts, default=None, metavar="C[,C...]",
                       help="closed-loop levels: requests always in flight (default 1,8,32)")
     loop.add_argument("--request-rate", type=_numbers, metavar="R[,R...]",
                       help="open-loop levels: Poisson arrivals, requests per second")
@@ -63,15 +73,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return bench
 
 
-def _api_key(given: str | None) -> str | None:
-    if given:
-        return given
-    if os.environ.get("TOKENMILL_API_KEY"):
-        return os.environ["TOKENMILL_API_KEY"]
+def _api_keys(given: str | None) -> tuple[str | None, str | None]:
+    """(the main target's key, the --compare targets' key): a key the user gave goes to every
+    target; this machine's admin key, read from its file, only to the main one."""
+    key = given or os.environ.get("TOKENMILL_API_KEY")
+    if key:
+        return key, key
     from tokenmill.models.default import tokenmill_home
 
     key_file = tokenmill_home() / "admin.key"
-    return key_file.read_text().strip() if key_file.is_file() else None
+    return (key_file.read_text().strip() if key_file.is_file() else None), None
 
 
 def _compare_target(spec: str) -> tuple[str, str]:
@@ -92,7 +103,7 @@ def bench_command(args) -> int:
     if args.request_rate:
         levels = [Level("rate", r) for r in args.request_rate]
     else:
-        levels = [Level("concurrency", int(c)) for c in (args.concurrency or [1, 8, 32])]
+        levels = [Level("concurrency", c) for c in (args.concurrency or [1, 8, 32])]
     counts = {level: args.num_prompts or (max(16, 4 * int(level.value))
                                           if level.mode == "concurrency" else 32)
               for level in levels}
@@ -146,10 +157,10 @@ async def _targets(args):
 
     from tokenmill.bench.client import resolve_target
 
-    key = _api_key(args.api_key)
+    main_key, compare_key = _api_keys(args.api_key)
     async with httpx.AsyncClient(timeout=30) as client:
-        targets = [await resolve_target(client, "tokenmill", args.url, args.model, key)]
+        targets = [await resolve_target(client, "tokenmill", args.url, args.model, main_key)]
         for spec in args.compare:
             name, url = _compare_target(spec)
-            targets.append(await resolve_target(client, name, url, None, key))
+            targets.append(await resolve_target(client, name, url, None, compare_key))
     return targets

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -61,10 +62,13 @@ BUILDERS = {"fp32-mkl": MklLinear, "fp32-onednn": PackedLinear, "bf16": Bf16Line
 
 
 def kernel_for(kernel: str, shape: tuple[int, int], head: bool = False) -> str:
-    """`kernel`, or int8 where int4 cannot hold the weight: a shape its layout does not take,
-    or an LM head (`head`, see LinearPlan.build)."""
+    """`kernel`, or the next wider one where it cannot hold the weight: int4 -> int8 for a
+    shape its layout does not take or an LM head (`head`, see LinearPlan.build); int8 -> bf16
+    for a shape its kernel does not take."""
     if kernel == "int4" and (head or not Int4Linear.supports(*shape)):
-        return "int8"
+        kernel = "int8"
+    if kernel == "int8" and not Int8Linear.supports(*shape):
+        kernel = "bf16"
     return kernel
 
 
@@ -179,21 +183,31 @@ def plan_for(quantization: str, shapes: Counter, cache_dir: Path | None) -> Line
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not "
                          f"{quantization!r}")
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError(f"quantization {quantization!r} needs torch's CPU int4/int8 kernels "
+                         f"(torch >= 2.6), not torch {torch.__version__}")
     ident = json.dumps([_PLAN_FORMAT, cpu_signature(), torch.__version__,
                         torch.get_num_threads(), sorted(shapes.items()), quantization])
     path = None if cache_dir is None else \
         cache_dir / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
     if path is not None and path.is_file():
-        data = json.loads(path.read_text())
-        data["ms"] = {k: {int(m): v for m, v in by_m.items()} for k, by_m in data["ms"].items()}
-        return LinearPlan(**data)
+        try:
+            data = json.loads(path.read_text())
+            data["ms"] = {k: {int(m): v for m, v in by_m.items()}
+                          for k, by_m in data["ms"].items()}
+            return LinearPlan(**data)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring the unreadable linear plan %s (%s): measuring again", path,
+                        exc)
     log.info("measuring the linear kernels for quantization %s on %s (once per machine)",
              quantization, cpu_signature())
     plan = calibrate(quantization, shapes)
     if path is not None:
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(plan), indent=1))
+            partial.write_text(json.dumps(asdict(plan), indent=1))
+            os.replace(partial, path)  # atomic: a reader sees a whole plan or none
         except OSError as exc:  # a read-only home costs a measurement next time
             log.debug("not caching the linear plan at %s: %s", path, exc)
     return plan

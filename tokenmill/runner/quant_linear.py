@@ -33,6 +33,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16))  # [N]
         self.bias = bias
 
+    @staticmethod
+    def supports(out_features: int, in_features: int) -> bool:
+        """The CPU kernel reads K in blocks of 16: other K give wrong sums or crash (torch
+        2.13, measured)."""
+        return in_features % 16 == 0
+
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
         w = weight.detach().float()

@@ -92,8 +92,8 @@ def build_app(served: list[ServedModel], settings: ServerSettings) -> FastAPI:
         principal = getattr(request.state, "principal", None)
         if principal is None:  # --no-auth: nothing is recorded (a 400), never every key's usage
             return await usage_summary(None, None, None, start=start, end=end)
-        return await usage_summary(settings.keys, settings.ledger, principal.name, start=start,
-                                   end=end)
+        return await usage_summary(settings.keys, settings.ledger, principal.key_id,
+                                   start=start, end=end)
 
     @v1.get("/models", response_model=ModelList)
     async def list_models():

@@ -31,10 +31,12 @@ def parse_time(value: str | None, param: str) -> datetime | None:
         pass
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        # In UTC here, where a time too close to year 1 or 9999 to convert is still a 400.
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(
+            timezone.utc)
+    except (ValueError, OverflowError):
         raise invalid_request(f"{param} must be unix seconds or an ISO 8601 time, not {value!r}",
                               param, "invalid_value") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 async def usage_page(ledger: Ledger, key_id: int | None, *, since: datetime | None,
@@ -73,11 +75,11 @@ SUMMARY_DAYS = 30  # what a summary covers when `start` is not given: today and 
 RECENT = 20  # the newest records a summary lists
 
 
-async def usage_summary(keys: KeyService | None, ledger: Ledger | None, key_name: str | None, *,
+async def usage_summary(keys: KeyService | None, ledger: Ledger | None, key_id: int | None, *,
                         start: str | None, end: str | None) -> dict[str, Any]:
-    """The key named `key_name`'s limits and spend (None: every key's), its usage per UTC day
-    and model in [start, end) (default: the last SUMMARY_DAYS days) and its RECENT newest
-    records (named by key), for the usage dashboard."""
+    """Key `key_id`'s limits and spend (None: every key's), its usage per UTC day and model in
+    [start, end) (default: the last SUMMARY_DAYS days) and its RECENT newest records (named by
+    key), for the usage dashboard."""
     if keys is None or ledger is None:
         raise invalid_request("Usage is recorded per API key; this server runs without keys "
                               "(--no-auth).", None, "usage_not_recorded")
@@ -88,11 +90,9 @@ async def usage_summary(keys: KeyService | None, ledger: Ledger | None, key_name
     until = parse_time(end, "end")
 
     def read():
-        infos = keys.list()
-        names = keys.ids_by_name()
-        key_id = None if key_name is None else names[key_name]
-        if key_name is not None:
-            infos = [info for info in infos if info.name == key_name]
+        infos, names = keys.list(), keys.ids_by_name()
+        if key_id is not None:  # by id: a key renamed or removed since it was checked is absent
+            infos = [info for info in infos if names.get(info.name) == key_id]
         return (infos, {v: k for k, v in names.items()},
                 ledger.daily(key_id, start=since, end=until), ledger.recent(key_id, RECENT))
 

@@ -231,8 +231,9 @@ function showStats(turn, { sent, first, end, usage, stopped }) {
   if (first !== null) {
     stats.push(stat("ttft", `${integer(Math.round(first - sent))} ms to first token`));
   }
-  if (!stopped && usage && first !== null && end > first) {
-    const perSecond = usage.completion_tokens / ((end - first) / 1000);
+  if (!stopped && usage && usage.completion_tokens > 1 && first !== null && end > first) {
+    // the tokens after the first, over the time after the first (as TPOT counts them)
+    const perSecond = (usage.completion_tokens - 1) / ((end - first) / 1000);
     stats.push(stat("tps", `${perSecond.toFixed(1)} tokens/s`));
   }
   if (!stopped && typeof usage?.estimated_cost === "number") {
