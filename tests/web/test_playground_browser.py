@@ -316,6 +316,20 @@ def test_api_errors_show_the_servers_message_in_an_alert(open_page, web_server, 
     assert page.locator("#conversation .reply").count() == 1  # each retry replaced the last
 
 
+def test_a_reply_cut_off_before_done_is_marked_failed_not_complete(playground):
+    page = playground()
+    # A stream as a dropped connection leaves it: content, then the body ends, no [DONE].
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Half a rep"}, "finish_reason": None}]}
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body=f"data: {json.dumps(chunk)}\n\n"))
+    send(page, "Hello")
+    assert alert_in_conversation(page) == \
+        "The reply was cut off: the stream ended before it was complete."
+    reply = last_reply(page)
+    assert "failed" in reply.get_attribute("class") and reply.locator(".reply-stats").count() == 0
+
+
 def curl_body(code: str) -> dict:
     """The JSON body of a cURL example (`-d '...'`, each ' in it written '\\'')."""
     return json.loads(code.split(" -d '", 1)[1].rsplit("'", 1)[0].replace("'\\''", "'"))

@@ -180,7 +180,7 @@ function setStreaming(streaming) {
 }
 
 // The JSON payloads of a server-sent events body (events are `data:` lines ended by a blank
-// line) until `data: [DONE]` or the end of the body.
+// line) until `data: [DONE]`; a body that ends before it is an error (the reply was cut off).
 async function* events(body) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
@@ -205,7 +205,7 @@ async function* events(body) {
         }
         // Other SSE fields (event:, id:, comments) are not used by this API.
       }
-      if (done) return;
+      if (done) throw new Error("The reply was cut off: the stream ended before it was complete.");
     }
   } finally {
     // Lets go of the connection however the reading ended; an aborted body rejects this too.

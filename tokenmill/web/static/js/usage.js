@@ -180,6 +180,7 @@ async function load() {
       every ? api(`/admin/usage/summary?start=${start}`) : null]);
     if (current !== generation) return;
     const own = mine.keys[0];
+    if (!own) throw new ApiError(404, "The server no longer knows this key.", null);
     scopeField.hidden = !own.admin;
     render(all ?? mine, own, dates, every);
     status.textContent = `Usage of ${every ? "every key" : `the key ${own.name}`} from ${dates[0]} `
