@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "tokenmill"
 # package -> the tokenmill packages and top-level modules it may import
 ALLOWED = {
     "web": {"server", "catalog"},
+    "bench": {"models"},  # a client: HTTP to any server, a tokenizer from models/
     "server": {"platform", "catalog", "engine", "prompts", "sampling_params", "config"},
     "platform": {"catalog", "models"},
     "catalog": {"models"},
