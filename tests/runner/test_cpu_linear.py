@@ -1,16 +1,13 @@
-"""oneDNN-prepacked linears: same results as nn.Linear, swapped in place, idempotent."""
+"""oneDNN-prepacked linears: same results as nn.Linear, padded row counts, and the runner's
+packed copy of a model (swapping them in: tests/runner/test_quant_linear.py)."""
 
 from __future__ import annotations
-
-import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from tokenmill.runner import cpu_linear
-from tokenmill.runner.cpu_linear import (PackedLinear, can_pack, pack_in_place, pack_linears,
-                                         padded_rows)
+from tokenmill.runner.cpu_linear import PackedLinear, can_pack, padded_rows
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
                                 reason="this torch build has no oneDNN (mkldnn) CPU backend")
@@ -39,34 +36,6 @@ def test_packed_linear_keeps_leading_dims():
     linear = nn.Linear(8, 4, bias=False)
     with torch.inference_mode():
         assert PackedLinear(linear.weight)(torch.randn(2, 3, 8)).shape == (2, 3, 4)
-
-
-def test_pack_linears_replaces_every_linear_once():
-    inner = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), inner)
-    x = torch.randn(5, 8)
-    with torch.inference_mode():
-        expected = model(x)
-        assert pack_linears(model) == 3
-        assert pack_linears(model) == 0  # idempotent: engines sharing a model may each pack it
-        assert not any(isinstance(m, nn.Linear) for m in model.modules())
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_pack_in_place_frees_each_plain_weight_before_packing_the_next(monkeypatch):
-    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
-    plain = [weakref.ref(m.weight) for m in model]
-    alive_when_packing = []
-
-    class CountingPackedLinear(PackedLinear):
-        def __init__(self, weight, bias=None):
-            alive_when_packing.append(sum(ref() is not None for ref in plain))
-            super().__init__(weight, bias)
-
-    monkeypatch.setattr(cpu_linear, "PackedLinear", CountingPackedLinear)
-    assert pack_in_place(model) is model
-    assert alive_when_packing == [4, 3, 2, 1]  # never more than one plain weight beyond the rest
-    assert all(ref() is None for ref in plain)
 
 
 def test_runner_packs_a_copy_and_the_tied_lm_head(loaded_default_model):

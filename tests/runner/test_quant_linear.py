@@ -4,6 +4,7 @@ how a plan is chosen from timings, cached, and applied to a model."""
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from tokenmill.runner import linear_plan
-from tokenmill.runner.linear_plan import (LinearPlan, MklLinear, apply_plan, choose,
-                                          kernel_for, linear_shapes, plan_for)
+from tokenmill.runner.cpu_linear import PackedLinear
+from tokenmill.runner.linear_plan import (LinearPlan, apply_plan, choose, kernel_for,
+                                          linear_shapes, plan_for)
 from tokenmill.runner.quant_linear import (INT4_GROUP, Bf16Linear, Int4Linear, Int8Linear,
                                            RowDispatch)
 
@@ -153,10 +155,9 @@ def test_applying_a_plan_replaces_every_linear_and_adds_the_tied_head():
     assert isinstance(int4.model.proj.small, Int4Linear)
     assert isinstance(int4.lm_head.small, Int8Linear)  # a head is never below int8
     single = Tiny()
-    apply_plan(single, LinearPlan("none", "fp32-mkl", "fp32-mkl", 128, {}))
-    assert isinstance(single.lm_head, MklLinear)
-    # The head shares the embedding's memory, not a copy of it.
-    assert single.lm_head.weight.data_ptr() == single.model.embed_tokens.weight.data_ptr()
+    apply_plan(single, plan_for("none", linear_shapes(single), None))  # one kernel, no timing
+    for module in (single.model.proj, single.model.out, single.lm_head):
+        assert isinstance(module, PackedLinear)
 
 
 def test_an_engine_asked_for_int4_runs_every_linear_through_its_plan(tiny_llama_dir, tmp_path,
@@ -213,3 +214,32 @@ def test_an_unreadable_cached_plan_is_measured_again(tmp_path, monkeypatch):
     assert plan_for("int8", shapes, tmp_path) == plan
     assert plan_for("int8", shapes, tmp_path) == plan  # rewritten whole
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no partial file left
+
+
+def test_the_none_plan_packs_every_linear_once():
+    inner = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), inner)
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        expected = model(x)
+        plan = plan_for("none", linear_shapes(model), None)
+        assert apply_plan(model, plan) == 3
+        assert apply_plan(model, plan) == 0  # idempotent: engines sharing a model may each pack it
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_applying_a_plan_frees_each_plain_weight_before_building_the_next(monkeypatch):
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+    plain = [weakref.ref(m.weight) for m in model]
+    alive_when_packing = []
+
+    class CountingPackedLinear(PackedLinear):
+        def __init__(self, weight, bias=None):
+            alive_when_packing.append(sum(ref() is not None for ref in plain))
+            super().__init__(weight, bias)
+
+    monkeypatch.setitem(linear_plan.BUILDERS, "fp32-onednn", CountingPackedLinear)
+    assert apply_plan(model, plan_for("none", linear_shapes(model), None)) == 4
+    assert alive_when_packing == [4, 3, 2, 1]  # never more than one plain weight beyond the rest
+    assert all(ref() is None for ref in plain)

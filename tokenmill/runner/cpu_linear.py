@@ -62,25 +62,3 @@ def model_copy(model: nn.Module) -> nn.Module:
     drops the original, and until then both are held."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo=shared)
-
-
-def pack_in_place(model: nn.Module) -> nn.Module:
-    """Pack `model`'s linears and, with tied embeddings, add a packed LM head; returns `model`.
-
-    Each plain weight is released as soon as its packed copy exists, so packing a model that
-    nobody else holds needs one linear's memory beyond the model, never a second copy of it."""
-    pack_linears(model)
-    if getattr(model, "lm_head", False) is None:  # tied embeddings: a packed copy as the head
-        model.lm_head = PackedLinear(model.model.embed_tokens.weight)
-    return model
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in `model` by a PackedLinear, in place; returns how many."""
-    # (parent, name) pairs, not the linears: a list of them would keep every plain weight alive.
-    slots = [(module, name) for module in model.modules()
-             for name, child in module.named_children() if isinstance(child, nn.Linear)]
-    for module, name in slots:
-        linear = getattr(module, name)  # rebinding drops the previous, already replaced, one
-        setattr(module, name, PackedLinear(linear.weight, linear.bias))
-    return len(slots)

@@ -1,9 +1,9 @@
 """Which kernel runs the model's linears on this CPU, chosen by measurement.
 
-`--quantization` says how weights may be stored (none: float32; bf16; int8 or int4 weight-only);
-within that, the best kernel depends on the CPU and on the row count M: the weight-only int
-kernels win at decode sizes, bfloat16 matmuls (AMX, AVX-512 BF16) from some M up, and for float32
-MKL's GEMM beat oneDNN's prepacked one on some CPUs and lost on others (docs/BENCHMARKS.md). So
+`--quantization` says how weights may be stored (none: float32, oneDNN-prepacked; bf16; int8 or
+int4 weight-only); within that, the best kernel depends on the CPU and on the row count M: the
+weight-only int kernels win at decode sizes, bfloat16 matmuls (AMX, AVX-512 BF16) from some M up
+(docs/BENCHMARKS.md). So
 `calibrate` times each allowed kernel on the model's own linear shapes at a few row counts, keeps
 the fastest at M = 1 for decode-sized inputs and the fastest at the largest M for the rest, and
 the largest M the first still wins as the threshold between them (`RowDispatch`). A plan takes a
@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.runner.cpu_linear import PackedLinear
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "bf16", "int8", "int4")
 # quantization -> the kernels its weights may run through. The int modes may keep a bfloat16
 # copy for large M (0.5 or 1 byte a weight, plus 2).
-CANDIDATES = {"none": ("fp32-mkl", "fp32-onednn"), "bf16": ("bf16",),
+CANDIDATES = {"none": ("fp32-onednn",), "bf16": ("bf16",),
               "int8": ("int8", "bf16"), "int4": ("int4", "bf16")}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # the row counts measured
 POOL_BYTES = 128 << 20  # of float32 weight per shape timed, so that it is read from memory
@@ -44,21 +43,8 @@ REPEATS = 5
 _PLAN_FORMAT = 1  # bumped when what a plan means changes
 
 
-class MklLinear(nn.Module):
-    """y = x W^T (+ b) through F.linear on a plain float32 weight (MKL's GEMM)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach())
-        self.bias = None if bias is None else bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-BUILDERS = {"fp32-mkl": MklLinear, "fp32-onednn": PackedLinear, "bf16": Bf16Linear,
-            "int8": Int8Linear.quantize, "int4": Int4Linear.quantize}
+BUILDERS = {"fp32-onednn": PackedLinear, "bf16": Bf16Linear, "int8": Int8Linear.quantize,
+            "int4": Int4Linear.quantize}
 
 
 def kernel_for(kernel: str, shape: tuple[int, int], head: bool = False) -> str:
@@ -140,11 +126,8 @@ def _time_kernel(kernel: str, shapes: Counter, rows: tuple[int, ...]) -> dict[in
 
 def calibrate(quantization: str, shapes: Counter) -> LinearPlan:
     """Measure every kernel `quantization` allows on `shapes` and choose between them."""
-    kernels = CANDIDATES[quantization]
-    if len(kernels) == 1:  # nothing to choose between
-        return LinearPlan(quantization, kernels[0], kernels[0], ROWS[-1], {})
     return choose(quantization, {kernel: _time_kernel(kernel, shapes, ROWS)
-                                 for kernel in kernels})
+                                 for kernel in CANDIDATES[quantization]})
 
 
 def choose(quantization: str, ms: dict[str, dict[int, float]]) -> LinearPlan:
@@ -183,6 +166,9 @@ def plan_for(quantization: str, shapes: Counter, cache_dir: Path | None) -> Line
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not "
                          f"{quantization!r}")
+    kernels = CANDIDATES[quantization]
+    if len(kernels) == 1:  # nothing to choose between: nothing to measure or cache
+        return LinearPlan(quantization, kernels[0], kernels[0], ROWS[-1], {})
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         raise ValueError(f"quantization {quantization!r} needs torch's CPU int4/int8 kernels "
                          f"(torch >= 2.6), not torch {torch.__version__}")

@@ -14,7 +14,7 @@ from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
 from tokenmill.models.default import tokenmill_home
 from tokenmill.models.loader import LoadedModel
-from tokenmill.runner.cpu_linear import can_pack, model_copy, pack_in_place
+from tokenmill.runner.cpu_linear import can_pack, model_copy
 from tokenmill.runner.linear_plan import apply_plan, linear_shapes, plan_for
 from tokenmill.runner.grammar_mask import GrammarMasks
 from tokenmill.runner.input_batch import InputBatch
@@ -36,7 +36,8 @@ class ModelRunner:
         """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may replace its
         linears in place, freeing each plain weight as it goes, instead of in a copy.
         `quantization` (CPU float32 only): none packs the float32 linears for oneDNN; bf16,
-        int8 and int4 run them as runner/linear_plan.py measures best on this CPU."""
+        int8 and int4 run them as runner/linear_plan.py measures best on this CPU; all through
+        one plan and `apply_plan`."""
         if cache_config.num_blocks <= 0:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
@@ -54,14 +55,11 @@ class ModelRunner:
         self.grammar_masks = GrammarMasks(c.vocab_size)
         if can_pack(device, dtype):
             model = self.model if owns_model else model_copy(self.model)
-            if quantization == "none":
-                self.model = pack_in_place(model)
-            else:
-                plan = plan_for(quantization, linear_shapes(model), tokenmill_home() / "cache" /
-                                "linear-plans")
-                apply_plan(model, plan)
-                self.model = model
-                log.info("linears: %s", plan.describe())
+            plan = plan_for(quantization, linear_shapes(model), tokenmill_home() / "cache" /
+                            "linear-plans")
+            apply_plan(model, plan)
+            self.model = model
+            log.info("linears: %s", plan.describe())
         elif quantization != "none":
             raise ValueError(f"quantization {quantization!r} is for float32 models on the CPU, "
                              f"not {str(dtype).removeprefix('torch.')} on {device}")
