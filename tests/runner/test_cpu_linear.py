@@ -47,7 +47,7 @@ def test_runner_packs_a_copy_and_the_tied_lm_head(loaded_default_model):
     model = runner.model
     assert isinstance(model.lm_head, PackedLinear)
     assert loaded_default_model.model.lm_head is None  # the loaded model is never mutated
-    assert isinstance(loaded_default_model.model.model.layers[0].mlp.up_proj, nn.Linear)
+    assert isinstance(loaded_default_model.model.model.layers[0].mlp.gate_up_proj, nn.Linear)
     assert model.model.embed_tokens.weight is loaded_default_model.model.model.embed_tokens.weight
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.inference_mode():

@@ -2,8 +2,10 @@
 
 Input is the step's tokens from many requests concatenated ([T]) with their positions; attention
 over each request's own paged KV cache is delegated to the step's `AttentionMetadata`. Parameter
-names are Hugging Face's, so a HF state dict loads as is. The other families reuse these blocks:
-Qwen2 sets `LlamaAttention.qkv_bias`, Mixtral swaps the decoder layer (`decoder_layer`).
+names are Hugging Face's, except that q/k/v and gate/up are each one `MergedLinear` (`qkv_proj`,
+`gate_up_proj`) that the loader fills from the checkpoint's separate projections. The other
+families reuse these blocks: Qwen2 sets `LlamaAttention.qkv_bias`, Mixtral swaps the decoder
+layer (`decoder_layer`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,25 @@ class RMSNorm(nn.Module):
         return self.weight * y
 
 
+class MergedLinear(nn.Linear):
+    """Several of a checkpoint's projections of one input stacked as one linear (q, k and v;
+    gate and up), so that one matmul computes them all: fewer, larger kernel calls per step.
+    `shards` maps each checkpoint projection's name to its output rows, in output order; the
+    loader copies each checkpoint weight into its rows (`rows`)."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(shards.values()), bias=bias)
+        self.shards = shards
+
+    def rows(self, shard: str) -> slice:
+        start = 0
+        for name, size in self.shards.items():
+            if name == shard:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(shard)
+
+
 class LlamaAttention(nn.Module):
     qkv_bias = False  # q, k and v projections carry a bias (Qwen2); o_proj never does
 
@@ -37,34 +58,38 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        kv_dim, bias = self.num_kv_heads * self.head_dim, self.qkv_bias
-        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(c.hidden_size, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(c.hidden_size, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            c.hidden_size, {"q_proj": self.q_size, "k_proj": self.kv_size,
+                            "v_proj": self.kv_size}, bias=self.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionMetadata,
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D], a strided view
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn.forward(q, k, v, *kv_cache)  # [T, Hq, D]
         return self.o_proj(o.view(t, -1))  # [T, H]
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.gate_up_proj = MergedLinear(
+            c.hidden_size, {"gate_proj": c.intermediate_size, "up_proj": c.intermediate_size},
+            bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

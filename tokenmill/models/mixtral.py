@@ -4,7 +4,8 @@ Stage: the model, one flat batch at a time (see llama.py). In every layer a rout
 token against E experts (SwiGLU MLPs); the token goes through its top-k experts and their outputs
 are summed, weighted by the router's softmax renormalised over those k (Mixtral of Experts,
 Jiang et al. 2024, eq. 1-2; HF's MixtralTopKRouter). Parameter names are those of published
-checkpoints: `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}.w1/w2/w3`.
+checkpoints: `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}.w1/w2/w3` (w1 and w3
+loaded into one `w13`).
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
+from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, MergedLinear, RMSNorm
 
 
 class MixtralExpert(nn.Module):
-    """One expert, a SwiGLU MLP: w2(silu(w1(x)) * w3(x))."""
+    """One expert, a SwiGLU MLP: w2(silu(w1(x)) * w3(x)), w1 (gate) and w3 (up) as one
+    matmul."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
+        self.w13 = MergedLinear(c.hidden_size, {"w1": c.intermediate_size,
+                                                "w3": c.intermediate_size}, bias=False)
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
-        self.w3 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:  # [N, H] -> [N, H]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [N, I] each
+        return self.w2(F.silu(gate) * up)
 
 
 class MixtralSparseMoeBlock(nn.Module):
