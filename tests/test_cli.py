@@ -10,7 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tokenmill.catalog.catalog import load_catalog
-from tokenmill.cli import UsageError, check_fits, kv_shares, main, resolve_specs
+from tokenmill.cli import (ENGINE_OPTIONS, UsageError, _given, build_parser, check_fits, kv_shares,
+                           main, resolve_specs)
+from tokenmill.config import EngineConfig
 
 GIB = 1 << 30
 
@@ -83,6 +85,17 @@ def test_serve_refuses_before_loading_anything(home, tiny_checkpoint, capsys):
     assert "max_key_share must be in (0, 1], not 2.0" in capsys.readouterr().err
     assert main(["serve", "--model", llama, "--max-pending-sequences", "0"]) == 2
     assert "max_pending_sequences must be >= 1, not 0" in capsys.readouterr().err
+
+
+def test_serve_passes_only_the_engine_options_given_and_defaults_to_auto_quantization():
+    args = build_parser().parse_args(["serve"])
+    assert _given(args, ENGINE_OPTIONS) == {"quantization": "auto"}
+    args = build_parser().parse_args(["serve", "--no-prefix-caching", "--quantization", "none",
+                                      "--max-num-seqs", "8"])
+    assert _given(args, ENGINE_OPTIONS) == {"quantization": "none", "max_num_seqs": 8,
+                                            "enable_prefix_caching": False}
+    config = EngineConfig(model="m", **_given(args, ENGINE_OPTIONS))
+    assert not config.enable_prefix_caching
 
 
 class _FakeServer(ThreadingHTTPServer):

@@ -34,6 +34,11 @@ class UsageError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,10 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     opt = dict(default=argparse.SUPPRESS)
     serve.add_argument("--dtype", help="auto, float32, bfloat16 or float16", **opt)
     serve.add_argument("--device", help="auto, cpu or cuda", **opt)
-    serve.add_argument("--quantization", choices=("none", "bf16", "int8", "int4"), **opt,
+    serve.add_argument("--quantization", choices=("auto", "none", "bf16", "int8", "int4"),
+                       default="auto",
                        help="how a CPU float32 model's linear weights are stored and run: none "
                             "(float32), bf16, or int8/int4 weight-only (with bfloat16 matmuls "
-                            "for prefill-sized batches where measured faster); default none")
+                            "for prefill-sized batches where measured faster); auto (default): "
+                            "a GGUF's 4- or 8-bit weights as int4 or int8, float weights as "
+                            "bf16 on CPUs with AMX or AVX-512 BF16, else none; the choice and "
+                            "why are in the start-up log")
+    serve.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                       action="store_false", default=argparse.SUPPRESS,
+                       help="compute every prompt in full, never reusing the KV blocks of an "
+                            "earlier one (for measuring what the prefix cache saves)")
     serve.add_argument("--no-auth", action="store_true", help="serve /v1 without API keys")
     serve.add_argument("--db", metavar="URL",
                        help="the platform store (keys, usage): sqlite:///PATH or "
@@ -121,15 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_keys_parser(sub)
     add_bench_parser(sub)
-
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return parser
 
 
 # ---- serve --------------------------------------------------------------------------------------
 
 ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                  "quantization")
+                  "quantization", "enable_prefix_caching")
 FAILURE_OPTIONS = ("max_step_failures", "step_failure_window_s")
 ENGINE_DEAD_STATUS = 3  # the exit status of a server whose engine was declared dead
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences",

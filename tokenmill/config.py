@@ -168,7 +168,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None: torch's default
-    # CPU float32 linears: none | bf16 | int8 | int4 (runner/linear_plan.py); none keeps float32
+    # CPU float32 linears: auto | none | bf16 | int8 | int4 (runner/linear_plan.py). none, the
+    # library's default, keeps the float32 reference; `tokenmill serve` defaults to auto.
     quantization: str = "none"
     cache: CacheConfig = field(default_factory=CacheConfig)  # filled by resolve()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # filled by resolve()

@@ -6,7 +6,8 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.models.gguf_loader import (hf_name, load_gguf_config_and_tokenizer,
                                           metadata_cache_key, unpermute_rope)
-from tokenmill.models.loader import load_model
+from tokenmill.models.hf_loader import iter_hf_weights
+from tokenmill.models.loader import assign_weights, load_model, open_model
 from tokenmill.models.registry import model_class
 
 CPU = torch.device("cpu")
@@ -23,13 +24,44 @@ def test_hf_checkpoint_loads_every_weight_exactly(tiny_llama_dir, sub):
     loaded = load_model(str(path), torch.float32, CPU)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)
     ours = dict(loaded.model.named_parameters())
-    assert set(ours) == set(dict(ref.named_parameters()))
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(ours[name], p, rtol=0, atol=0)
+    theirs = dict(ref.named_parameters())
+    # q/k/v and gate/up are stacked in ours, in that order, each a MergedLinear.
+    stacks = {"self_attn.qkv_proj.": ("self_attn.q_proj.", "self_attn.k_proj.",
+                                      "self_attn.v_proj."),
+              "mlp.gate_up_proj.": ("mlp.gate_proj.", "mlp.up_proj.")}
+    used = set()
+    for name, p in ours.items():
+        parts = next(([name.replace(s, part) for part in parts]
+                      for s, parts in stacks.items() if s in name), [name])
+        used.update(parts)
+        torch.testing.assert_close(p, torch.cat([theirs[n] for n in parts]), rtol=0, atol=0)
+    assert used == set(theirs)
     assert loaded.config.eos_token_ids == (2, 7)
     assert loaded.config.num_key_value_heads == 2
     assert loaded.config.architecture == "LlamaForCausalLM"
     assert loaded.tokenizer.convert_tokens_to_ids("t5") == 5
+
+
+def _tiny_weights(path):
+    return dict(iter_hf_weights(path))
+
+
+def test_a_stacked_projection_repeated_or_missing_is_a_clear_error(tiny_llama_dir):
+    weights = _tiny_weights(tiny_llama_dir)
+    k = "model.layers.0.self_attn.k_proj.weight"
+
+    repeated = list(weights.items()) + [(k, weights[k])]
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' appears twice"):
+        assign_weights(open_model(str(tiny_llama_dir)).model, repeated, torch.float32, CPU)
+
+    missing = [(n, w) for n, w in weights.items() if n != k]
+    with pytest.raises(KeyError, match=r"lacks weights: \['model.layers.0.self_attn.k_proj"):
+        assign_weights(open_model(str(tiny_llama_dir)).model, missing, torch.float32, CPU)
+
+    wrong = dict(weights, **{k: weights[k][:-1]})
+    with pytest.raises(ValueError, match=r"k_proj.weight: checkpoint shape \(\d+, \d+\), model "
+                                         r"expects"):
+        assign_weights(open_model(str(tiny_llama_dir)).model, wrong.items(), torch.float32, CPU)
 
 
 def test_dtype_is_applied_to_weights_not_rope(tiny_llama_dir):

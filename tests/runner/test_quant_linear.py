@@ -13,8 +13,9 @@ from torch import nn
 
 from tokenmill.runner import linear_plan
 from tokenmill.runner.cpu_linear import PackedLinear
-from tokenmill.runner.linear_plan import (LinearPlan, apply_plan, choose, kernel_for,
-                                          linear_shapes, plan_for)
+from tokenmill.runner.linear_plan import (LinearPlan, apply_plan, auto_quantization, choose,
+                                          kernel_for, kv_cache_dtype, linear_shapes,
+                                          plan_for)
 from tokenmill.runner.quant_linear import (INT4_GROUP, Bf16Linear, Int4Linear, Int8Linear,
                                            RowDispatch)
 
@@ -180,6 +181,72 @@ def test_an_engine_asked_for_int4_runs_every_linear_through_its_plan(tiny_llama_
     out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=6, ignore_eos=True,
                                                    temperature=0.0))
     assert len(out[0].completions[0].token_ids) == 6
+
+
+@pytest.mark.parametrize("bits, flags, expected", [
+    (4.5, set(), "int4"),  # Q4_0
+    (5.0, {"amx_bf16"}, "int4"),  # Q4_1
+    (5.5, set(), "int8"),  # Q5_0: int4 would lose what the file kept
+    (8.5, {"avx512_bf16"}, "int8"),  # Q8_0
+    (16.0, {"amx_bf16", "avx2"}, "bf16"),
+    (32.0, {"avx512_bf16"}, "bf16"),
+    (16.0, {"avx2", "avx512f"}, "none"),  # bfloat16 only in software
+])
+def test_auto_keeps_a_gguf_narrow_and_floats_bf16_only_where_the_cpu_has_it(bits, flags, expected):
+    mode, reason = auto_quantization(bits, flags)
+    assert mode == expected
+    assert f"{bits:g}" in reason
+
+
+@pytest.mark.parametrize("flags, mode, kv", [
+    ({"avx2"}, "none", torch.float32),
+    ({"avx2", "amx_bf16"}, "bf16", torch.bfloat16),
+])
+def test_an_engine_asked_for_auto_logs_what_it_chose_and_why(tiny_llama_dir, tmp_path,
+                                                             monkeypatch, caplog, flags, mode,
+                                                             kv):
+    from tokenmill import LLM
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    monkeypatch.setattr(linear_plan, "cpu_info", lambda: ("a CPU", flags))
+    with caplog.at_level("INFO"):
+        llm = LLM(str(tiny_llama_dir), quantization="auto", kv_cache_gib=0.01, dtype="float32")
+    [line] = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("quantization auto")]
+    # The tiny checkpoint is float32 (its config's torch_dtype).
+    why = ("32-bit float weights and no bfloat16 matmul units" if mode == "none" else
+           "32-bit float weights on a CPU with amx_bf16")
+    assert line == f"quantization auto -> {mode} ({why}); KV cache {str(kv)[6:]}"
+    assert llm.engine.runner.kv_cache.dtype == kv
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_blocks_of_a_float32_one(tiny_llama_dir, tmp_path,
+                                                                      monkeypatch):
+    """Only where the linears already take bfloat16 activations and the CPU has the units."""
+    from tokenmill import LLM, SamplingParams
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    monkeypatch.setattr(linear_plan, "_time_kernel", lambda kernel, shapes, rows: {
+        m: (m if kernel == "int4" else 8.0) for m in rows})
+    blocks = {}
+    for flags in ({"avx2"}, {"avx512_bf16"}):
+        monkeypatch.setattr(linear_plan, "cpu_info", lambda flags=flags: ("a CPU", flags))
+        llm = LLM(str(tiny_llama_dir), quantization="int4", kv_cache_gib=0.01, dtype="float32")
+        runner = llm.engine.runner
+        blocks[runner.kv_cache.dtype] = runner.kv_cache.shape[2]
+        out = llm.generate([[1, 5, 9]], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                       temperature=0.0))
+        assert len(out[0].completions[0].token_ids) == 6
+    assert blocks[torch.bfloat16] // 2 == blocks[torch.float32]  # the same bytes, floored
+    assert kv_cache_dtype("none", torch.float32, {"amx_bf16"}) == torch.float32
+    assert kv_cache_dtype("int8", torch.bfloat16, set()) == torch.bfloat16  # the model's own
+
+
+def test_the_default_gguf_is_int4_under_auto(default_model_path):
+    from tokenmill.models.gguf_loader import gguf_weight_bits
+
+    assert gguf_weight_bits(default_model_path) == 5.0  # Q4_1: 20 bytes per 32 weights
+    assert auto_quantization(5.0)[0] == "int4"
 
 
 def test_quantization_is_refused_for_a_model_not_run_in_float32_on_the_cpu(tiny_llama_dir):

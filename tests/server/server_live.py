@@ -47,10 +47,14 @@ def tokenmill_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "tokenmill.cli"]
 
 
-def start_server(home: Path, args: list[str], command: list[str] | None = None) -> Server:
-    """`tokenmill serve ARGS` (or `COMMAND serve ARGS`) on a free loopback port with
-    $TOKENMILL_HOME=home, once /health answers 200 (the admin key is read when auth is on);
-    fails the test with the log otherwise."""
+def start_server(home: Path, args: list[str], command: list[str] | None = None,
+                 quantization: str | None = "none") -> Server:
+    """`tokenmill serve ARGS --quantization QUANTIZATION` (or `COMMAND serve ...`) on a free
+    loopback port with $TOKENMILL_HOME=home (QUANTIZATION: by default the float32 reference
+    the tests compare with; None: the CLI's default), once /health answers 200 (the admin key
+    is read when auth is on); fails the test with the log otherwise."""
+    if quantization is not None:
+        args = [*args, "--quantization", quantization]
     port = free_port()
     stdout_path = home / "server.log"
     env = dict(os.environ, TOKENMILL_HOME=str(home), PYTHONUNBUFFERED="1")

@@ -25,6 +25,8 @@ import pytest
 from server_live import (MAX_BODY_BYTES, MAX_MODEL_LEN, MODEL_ID, start_server, stop_server,
                          tokenmill_command)
 
+from tokenmill.runner.linear_plan import BF16_FLAGS, cpu_info
+
 pytestmark = pytest.mark.slow
 
 CANARY = "zebra-canary-7431"  # appears in a prompt; must never appear in the server's log
@@ -521,12 +523,28 @@ def test_logs_never_hold_keys_or_prompts(server):
 
 @pytest.fixture
 def own_server(default_model_path, tmp_path):
-    """A server for this test alone (the drain test stops it)."""
+    """A server for this test alone (the drain test stops it), with the CLI's default
+    quantization."""
     running = start_server(tmp_path, ["--model", str(default_model_path), "--max-model-len",
                                       str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25",
-                                      "--drain-timeout", "20"])
+                                      "--drain-timeout", "20"], quantization=None)
     yield running
     stop_server(running)
+
+
+def test_serve_defaults_to_auto_quantization_and_logs_what_it_chose(own_server):
+    """The default model is a Q4_1 GGUF: auto keeps it at int4, says so once at start-up, and
+    the server answers through those linears."""
+    log = own_server.output()
+    kv = "bfloat16" if cpu_info()[1] & BF16_FLAGS else "float32"
+    assert ("quantization auto -> int4 (the source's layer weights are 5 bits each); KV cache "
+            f"{kv}") in log, log[-3000:]
+    assert "linears: int4: " in log
+    r = httpx.post(own_server.v1 + "/chat/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {own_server.key}"},
+                   json={"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 4,
+                         "min_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_sigterm_drains_in_flight_requests(own_server):

@@ -32,6 +32,8 @@ from tokenmill.engine.request import FINISH_REASONS, Request, RequestStatus, cho
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.structured import GrammarCompiler
 from tokenmill.models.loader import LoadedModel, load_weights, open_model
+from tokenmill.runner.cpu_linear import can_pack
+from tokenmill.runner.linear_plan import kv_cache_dtype, resolve_quantization
 from tokenmill.runner.model_runner import ModelRunner, kv_bytes_per_token
 from tokenmill.sampling_params import SamplingParams
 
@@ -66,12 +68,18 @@ class LLMEngine:
             loaded = load_weights(opened, dtype, device)
         else:  # weights already in memory fix the dtype (and so the KV cache's)
             dtype = next(loaded.model.parameters()).dtype
-        self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, dtype))
+        quantization, why = resolve_quantization(config.quantization, loaded.weight_bits,
+                                                 can_pack(device, dtype))
+        kv_dtype = kv_cache_dtype(quantization, dtype)
+        if why or kv_dtype != dtype:
+            log.info("quantization %s -> %s%s; KV cache %s", config.quantization, quantization,
+                     f" ({why})" if why else "", str(kv_dtype).removeprefix("torch."))
+        self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, kv_dtype))
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = self.config.scheduler.max_model_len
         self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model,
-                                  config.quantization)
+                                  quantization, kv_dtype)
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
                                    loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -156,6 +156,19 @@ def metadata_cache_key(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
+def gguf_weight_bits(path: Path) -> float:
+    """Bits per weight, scales included, of the widest type among the file's decoder-layer
+    matrices (Q4_1: 5.0, Q8_0: 8.5, F16: 16): the precision its layers' linears were stored at.
+    Embeddings and the output head, often kept wider, are not counted."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    bits = [GGML_QUANT_SIZES[t.qtype][1] * 8 / GGML_QUANT_SIZES[t.qtype][0]
+            for t in read_gguf(path).tensors if t.name.startswith("blk.") and len(t.shape) >= 2]
+    if not bits:
+        raise ValueError(f"{path.name}: no decoder-layer weight matrices")
+    return max(bits)
+
+
 def hf_name(gguf_name: str) -> str | None:
     """The HF parameter name of a GGUF tensor, or None for tensors we do not use. For a stacked
     expert tensor ([E, ...]) it is a template whose "{}" is the expert index."""

@@ -24,6 +24,15 @@ def load_hf_config_and_tokenizer(path: Path):
     return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def hf_weight_bits(hf_config) -> float:
+    """Bits per weight of the checkpoint as its config states them (torch_dtype; float32 when
+    unstated, transformers' own default)."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return float(dtype.itemsize * 8) if isinstance(dtype, torch.dtype) else 32.0
+
+
 def generation_eos_ids(path: Path) -> tuple[int, ...]:
     """eos_token_id of generation_config.json (an int or a list), () when absent."""
     file = path / "generation_config.json"

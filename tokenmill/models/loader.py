@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.models.gguf_loader import iter_gguf_weights, load_gguf_config_and_tokenizer
-from tokenmill.models.hf_loader import (generation_eos_ids, iter_hf_weights,
+from tokenmill.models.gguf_loader import (gguf_weight_bits, iter_gguf_weights,
+                                         load_gguf_config_and_tokenizer)
+from tokenmill.models.hf_loader import (generation_eos_ids, hf_weight_bits, iter_hf_weights,
                                         load_hf_config_and_tokenizer)
+from tokenmill.models.llama import MergedLinear
 from tokenmill.models.registry import model_class
 
 
@@ -28,6 +30,7 @@ class LoadedModel:
     model: nn.Module  # in eval mode, weights in the served dtype on the served device
     config: ModelConfig  # what the engine needs to know of the architecture
     tokenizer: Any  # a transformers tokenizer, with the chat template
+    weight_bits: float  # of the source's layer weights: 5.0 for a Q4_1 GGUF, 16 for bf16 files
 
 
 @dataclass
@@ -40,6 +43,7 @@ class OpenedModel:
     model: nn.Module  # on the meta device: shapes only
     config: ModelConfig
     tokenizer: Any
+    weight_bits: float  # bits per weight the source stores its layers' linears at
 
     def num_parameters(self) -> int:
         """Parameters the loaded model will hold (a tied LM head counted once)."""
@@ -59,9 +63,11 @@ def open_model(spec: str, max_model_len: int | None = None) -> OpenedModel:
     if path.is_file() and path.suffix == ".gguf":
         hf_config, tokenizer = load_gguf_config_and_tokenizer(path)
         extra_eos: tuple[int, ...] = ()
+        weight_bits = gguf_weight_bits(path)
     elif path.is_dir() and (path / "config.json").exists():
         hf_config, tokenizer = load_hf_config_and_tokenizer(path)
         extra_eos = generation_eos_ids(path)
+        weight_bits = hf_weight_bits(hf_config)
     else:
         raise FileNotFoundError(
             f"model {spec!r} is neither a .gguf file nor a directory with config.json")
@@ -71,7 +77,7 @@ def open_model(spec: str, max_model_len: int | None = None) -> OpenedModel:
     cls = model_class(config, max_model_len)
     with torch.device("meta"):
         model = cls(config)
-    return OpenedModel(path, model, config, tokenizer)
+    return OpenedModel(path, model, config, tokenizer, weight_bits)
 
 
 def load_weights(opened: OpenedModel, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -87,31 +93,68 @@ def load_weights(opened: OpenedModel, dtype: torch.dtype, device: torch.device) 
     else:
         weights = iter_hf_weights(path)
     assign_weights(model, weights, dtype, device)
-    return LoadedModel(model.to(device).eval(), config, opened.tokenizer)
+    return LoadedModel(model.to(device).eval(), config, opened.tokenizer, opened.weight_bits)
 
 
 def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                    dtype: torch.dtype, device: torch.device) -> None:
     """Replace every (meta) parameter of `model` by the named weight, cast to dtype on device.
-    Unknown or mis-shaped weights and missing parameters are errors; a checkpoint's lm_head of a
-    tied model is skipped (the model reuses embed_tokens)."""
+    A projection the model stacks in a `MergedLinear` is copied into its rows of that linear's
+    parameter. Unknown, repeated or mis-shaped weights and missing parameters are errors; a
+    checkpoint's lm_head of a tied model is skipped (the model reuses embed_tokens)."""
     expected = dict(model.named_parameters())
+    merged = _merged_rows(model)
+    unfilled: dict[str, set[str]] = {}  # merged parameter -> checkpoint names still to copy
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in weights:
-        if name not in expected:
+        target, rows = merged.get(name, (name, None))
+        if rows is not None and name not in unfilled.get(target, {name}):
+            raise ValueError(f"checkpoint weight {name!r} appears twice")
+        if target not in expected:
             if tied and name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
                 continue
             raise KeyError(f"checkpoint weight {name!r} has no parameter in the model")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        shape = tuple(expected[target].shape)
+        if rows is not None:
+            shape = (rows.stop - rows.start, *shape[1:])
+        if tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(expected[name].shape)}")
-        module_name, _, attr = name.rpartition(".")
-        # Same dtype and device: the source tensor itself becomes the weight (no copy). Otherwise
-        # the source is dropped before the next one is read, so a load holds the weights read so
-        # far plus one tensor in its source dtype.
-        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+                             f"model expects {shape}")
+        module_name, _, attr = target.rpartition(".")
+        module = model.get_submodule(module_name)
+        if rows is None:
+            # Same dtype and device: the source tensor itself becomes the weight (no copy).
+            # Otherwise the source is dropped before the next one is read, so a load holds the
+            # weights read so far plus one tensor in its source dtype.
+            param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+            del tensor
+            setattr(module, attr, param)
+            del expected[target]
+            continue
+        if target not in unfilled:  # the first of its shards: the whole parameter, empty
+            unfilled[target] = {n for n, (t, _) in merged.items() if t == target}
+            setattr(module, attr, nn.Parameter(torch.empty(expected[target].shape, dtype=dtype,
+                                                           device=device), requires_grad=False))
+        with torch.no_grad():
+            getattr(module, attr)[rows].copy_(tensor)
         del tensor
-        setattr(model.get_submodule(module_name), attr, param)
-        del expected[name]
+        unfilled[target].discard(name)
+        if not unfilled[target]:
+            del expected[target]
     if expected:
-        raise KeyError(f"checkpoint lacks weights: {sorted(expected)[:8]}")
+        missing = [n for t in sorted(expected) for n in sorted(unfilled.get(t, {t}))]
+        raise KeyError(f"checkpoint lacks weights: {missing[:8]}")
+
+
+def _merged_rows(model: nn.Module) -> dict[str, tuple[str, slice]]:
+    """Checkpoint parameter name -> (the model parameter that holds it, its rows there), for
+    every projection stacked in a MergedLinear: `...self_attn.k_proj.weight` ->
+    (`...self_attn.qkv_proj.weight`, slice(q_size, q_size + kv_size))."""
+    rows = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, MergedLinear):
+            parent = module_name.rpartition(".")[0]
+            for attr, _ in module.named_parameters(recurse=False):
+                for shard in module.shards:
+                    rows[f"{parent}.{shard}.{attr}"] = (f"{module_name}.{attr}", module.rows(shard))
+    return rows

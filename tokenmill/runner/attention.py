@@ -115,11 +115,13 @@ class TorchAttentionMetadata(AttentionMetadata):
 
     def forward(self, q, k, v, k_cache, v_cache):
         num_kv_heads, head_dim = k_cache.shape[-2:]
+        out = torch.empty_like(q)  # [T, Hq, D], in the model's dtype
+        # A cache narrower than the model (bfloat16 under float32) is attended in its own dtype.
+        q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D], S = blocks * block_size
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
-        out = torch.empty_like(q)  # [T, Hq, D]
         b = self.num_decodes
         if b:
             qd = q[:b].unsqueeze(2)  # [B, Hq, 1, D]

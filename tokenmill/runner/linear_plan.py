@@ -1,7 +1,8 @@
 """Which kernel runs the model's linears on this CPU, chosen by measurement.
 
 `--quantization` says how weights may be stored (none: float32, oneDNN-prepacked; bf16; int8 or
-int4 weight-only); within that, the best kernel depends on the CPU and on the row count M: the
+int4 weight-only; auto: chosen from the source's precision and the CPU, `auto_quantization`);
+within that, the best kernel depends on the CPU and on the row count M: the
 weight-only int kernels win at decode sizes, bfloat16 matmuls (AMX, AVX-512 BF16) from some M up
 (docs/BENCHMARKS.md). So
 `calibrate` times each allowed kernel on the model's own linear shapes at a few row counts, keeps
@@ -144,8 +145,8 @@ def choose(quantization: str, ms: dict[str, dict[int, float]]) -> LinearPlan:
     return LinearPlan(quantization, small, large, threshold, ms)
 
 
-def cpu_signature() -> str:
-    """The CPU's model name and the flags that choose kernels."""
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and flags (from /proc/cpuinfo where there is one)."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -156,8 +157,61 @@ def cpu_signature() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return f"{name} [{' '.join(f for f in wanted if f in flags)}]"
+    return name, flags
+
+
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # bfloat16 matmuls run natively
+
+
+def cpu_signature() -> str:
+    """The CPU's model name and the flags that choose kernels."""
+    name, flags = cpu_info()
+    return f"{name} [{' '.join(f for f in KERNEL_FLAGS if f in flags)}]"
+
+
+def auto_quantization(weight_bits: float, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+    """What `--quantization auto` means for a model whose source stores its layer weights at
+    `weight_bits` bits, on a CPU with `cpu_flags` (None: this one's), and why.
+
+    A GGUF's own 4- or 8-bit weights stay that narrow: int4's layout (4 bits and a bfloat16
+    scale and zero per 32) is Q4_1's, so it costs little the file had not already lost, and at
+    decode sizes it reads a fifth of float32's bytes (docs/BENCHMARKS.md). Float weights go to
+    bfloat16 where the CPU multiplies it natively (AMX, AVX-512 BF16) and stay float32
+    elsewhere, where bfloat16 is converted in software."""
+    if cpu_flags is None:
+        cpu_flags = cpu_info()[1]
+    if weight_bits <= 5.0:
+        return "int4", f"the source's layer weights are {weight_bits:g} bits each"
+    if weight_bits <= 8.5:
+        return "int8", f"the source's layer weights are {weight_bits:g} bits each"
+    if cpu_flags & BF16_FLAGS:
+        return "bf16", (f"{weight_bits:g}-bit float weights on a CPU with "
+                        f"{', '.join(sorted(cpu_flags & BF16_FLAGS))}")
+    return "none", f"{weight_bits:g}-bit float weights and no bfloat16 matmul units"
+
+
+def resolve_quantization(requested: str, weight_bits: float,
+                         float32_on_cpu: bool) -> tuple[str, str]:
+    """(the quantization `requested` stands for, why auto chose it or ''): auto is
+    `auto_quantization` for a float32 model on the CPU, none for any other."""
+    if requested != "auto":
+        return requested, ""
+    if not float32_on_cpu:
+        return "none", "quantization applies to float32 models on the CPU only"
+    return auto_quantization(weight_bits)
+
+
+def kv_cache_dtype(quantization: str, model_dtype: torch.dtype,
+                   cpu_flags: set[str] | None = None) -> torch.dtype:
+    """bfloat16 where the linears already take bfloat16 activations (every quantization but
+    none) and the CPU computes bfloat16 natively: attention then reads half the bytes and runs
+    on the bfloat16 units (docs/BENCHMARKS.md); the model's dtype otherwise."""
+    if cpu_flags is None:
+        cpu_flags = cpu_info()[1]
+    if quantization != "none" and model_dtype == torch.float32 and cpu_flags & BF16_FLAGS:
+        return torch.bfloat16
+    return model_dtype
 
 
 def plan_for(quantization: str, shapes: Counter, cache_dir: Path | None) -> LinearPlan:

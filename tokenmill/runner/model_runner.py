@@ -32,12 +32,13 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig, device: torch.device,
-                 dtype: torch.dtype, owns_model: bool = False, quantization: str = "none"):
+                 dtype: torch.dtype, owns_model: bool = False, quantization: str = "none",
+                 kv_dtype: torch.dtype | None = None):
         """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may replace its
         linears in place, freeing each plain weight as it goes, instead of in a copy.
         `quantization` (CPU float32 only): none packs the float32 linears for oneDNN; bf16,
         int8 and int4 run them as runner/linear_plan.py measures best on this CPU; all through
-        one plan and `apply_plan`."""
+        one plan and `apply_plan`. `kv_dtype`: the KV cache's (None: the model's dtype)."""
         if cache_config.num_blocks <= 0:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
@@ -48,7 +49,7 @@ class ModelRunner:
         # One allocation, zeroed: padded gathers read slots that were never written.
         self.kv_cache = torch.zeros(
             c.num_hidden_layers, 2, cache_config.num_blocks, cache_config.block_size,
-            c.num_key_value_heads, c.head_dim, dtype=dtype, device=device,
+            c.num_key_value_heads, c.head_dim, dtype=kv_dtype or dtype, device=device,
         )  # [layers, K/V, num_blocks, block_size, Hkv, D]
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
