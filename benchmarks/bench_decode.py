@@ -1,6 +1,9 @@
 """Decode-step time of the default model through ModelRunner (a measurement, not a test).
 
-    NT=2 .venv/bin/python benchmarks/bench_decode.py 1 16      # batch sizes; NT = torch threads
+    NT=2 Q=int4 .venv/bin/python benchmarks/bench_decode.py 1 16   # batch sizes; NT = torch
+                                                        # threads, Q = --quantization,
+                                                        # KV = the cache's dtype (default:
+                                                        # as the engine chooses)
     PROF=1 ...                                                # also print a profiler table
 
 Each request gets a random ~200-token prompt, prefilled alone, then B decode rows run per step.
@@ -18,6 +21,7 @@ from tokenmill.engine.outputs import ScheduledRequest, SchedulerOutput
 from tokenmill.engine.request import Request
 from tokenmill.models.default import default_model_path
 from tokenmill.models.loader import load_model
+from tokenmill.runner.linear_plan import kv_cache_dtype
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling_params import SamplingParams
 
@@ -58,7 +62,12 @@ def bench(runner, batch, ctx=200, steps=20, profile=False):
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("NT", "2")))
     loaded = load_model(str(default_model_path()), torch.float32, torch.device("cpu"))
-    runner = ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=1024),
-                         torch.device("cpu"), torch.float32)
+    quantization = os.environ.get("Q", "none")
+    kv_dtype = getattr(torch, os.environ["KV"]) if "KV" in os.environ else \
+        kv_cache_dtype(quantization, torch.float32)
+    print(f"quantization {quantization}, KV cache {kv_dtype}")
+    runner = ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=2048),
+                         torch.device("cpu"), torch.float32, quantization=quantization,
+                         kv_dtype=kv_dtype)
     for b in map(int, sys.argv[1:] or ["1", "16"]):
         bench(runner, b, profile=bool(os.environ.get("PROF")))

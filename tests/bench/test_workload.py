@@ -38,6 +38,17 @@ def test_shared_prefix_requests_share_one_system_prompt_of_the_prefix_length(rea
                       output_len=8, prefix_len=0)
 
 
+def test_every_kth_long_prompt_request_has_the_long_length(real_tokenizer):
+    requests = make_requests("long-prompt", 8, tokenizer=real_tokenizer, input_len=16,
+                             output_len=8, long_len=500, long_every=4, seed=0)
+    assert [r.input_len for r in requests] == [16, 16, 16, 500] * 2
+    assert [tokens(real_tokenizer, r.messages[0]["content"]) for r in requests] == \
+        [16, 16, 16, 500] * 2
+    with pytest.raises(ValueError, match="long length"):
+        make_requests("long-prompt", 1, tokenizer=real_tokenizer, input_len=16,
+                      output_len=8, long_len=0)
+
+
 def test_chat_prompts_cycle_through_the_set(real_tokenizer):
     requests = make_requests("chat", len(CHAT_PROMPTS) + 1, tokenizer=real_tokenizer,
                              input_len=0, output_len=8)

@@ -43,7 +43,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--compare", action="append", default=[], metavar="[NAME=]URL",
                        help="another server run through the same workload, interleaved "
                             "(repeatable; its first listed model is used)")
-    bench.add_argument("--dataset", choices=("random", "shared-prefix", "chat"),
+    bench.add_argument("--dataset", choices=("random", "shared-prefix", "long-prompt", "chat"),
                        default="random")
     bench.add_argument("--input-len", type=int, default=128, help="prompt tokens (random)")
     bench.add_argument("--output-len", type=int, default=96, help="output tokens (ignore_eos)")
@@ -51,6 +51,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="lengths uniform in [len * (1 - r), len * (1 + r)] (default 0)")
     bench.add_argument("--prefix-len", type=int, default=1000,
                        help="shared system prompt tokens (shared-prefix)")
+    bench.add_argument("--long-len", type=int, default=4000,
+                       help="prompt tokens of the long prompts (long-prompt)")
+    bench.add_argument("--long-every", type=int, default=8,
+                       help="every this many requests, one is long (long-prompt)")
     loop = bench.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=_counts, default=None, metavar="C[,C...]",
                       help="closed-loop levels: requests always in flight (default 1,8,32)")
@@ -116,6 +120,7 @@ def bench_command(args) -> int:
         requests = make_requests(args.dataset, per_level, tokenizer=tokenizer,
                                  input_len=args.input_len, output_len=args.output_len,
                                  range_ratio=args.range_ratio, prefix_len=args.prefix_len,
+                                 long_len=args.long_len, long_every=args.long_every,
                                  seed=args.seed)
     except ValueError as exc:
         print(f"tokenmill bench: {exc}", file=sys.stderr)
@@ -137,11 +142,14 @@ def bench_command(args) -> int:
     print()
     print(report.table(summaries))
     workload = {key: getattr(args, key) for key in (
-        "dataset", "input_len", "output_len", "range_ratio", "prefix_len", "temperature",
-        "seed", "rounds")}
+        "dataset", "input_len", "output_len", "range_ratio", "prefix_len", "long_len",
+        "long_every", "temperature", "seed", "rounds")}
     workload["requests_per_level"] = {v.label: n for v, n in counts.items()}
     if args.dataset != "shared-prefix":
         workload.pop("prefix_len")
+    if args.dataset != "long-prompt":
+        workload.pop("long_len")
+        workload.pop("long_every")
     if args.output:
         report.write_json(args.output, summaries, workload)
         print(f"wrote {args.output}")

@@ -63,7 +63,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("tokenmill bench: --plot needs matplotlib (pip install matplotlib)") \
+        raise SystemExit("tokenmill bench: --plot needs matplotlib (pip install 'tokenmill[bench]')") \
             from None
 
 

@@ -4,7 +4,9 @@ tokens (sent as max_tokens with ignore_eos, so every server makes exactly that m
 
 Datasets: `random` (text of random tokens, as `vllm bench serve --dataset-name random`),
 `shared-prefix` (one long system prompt of random tokens shared by every request, then a random
-question: what a prefix cache saves) and `chat` (short natural questions, cycled)."""
+question: what a prefix cache saves), `long-prompt` (random, but every k-th prompt is long: what
+a long prefill does to the inter-token latency of the streams running beside it; chunked
+prefill bounds it) and `chat` (short natural questions, cycled)."""
 
 from __future__ import annotations
 
@@ -96,9 +98,10 @@ def lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float) -> 
 
 
 def make_requests(dataset: str, n: int, *, tokenizer, input_len: int, output_len: int,
-                  range_ratio: float = 0.0, prefix_len: int = 0,
-                  seed: int = 0) -> list[BenchRequest]:
-    """`n` requests of `dataset` (random | shared-prefix | chat), the same for the same seed."""
+                  range_ratio: float = 0.0, prefix_len: int = 0, long_len: int = 0,
+                  long_every: int = 8, seed: int = 0) -> list[BenchRequest]:
+    """`n` requests of `dataset` (random | shared-prefix | long-prompt | chat), the same for
+    the same seed."""
     rng = np.random.default_rng(seed)
     outputs = lengths(rng, n, output_len, range_ratio)
     if dataset == "chat":
@@ -109,6 +112,14 @@ def make_requests(dataset: str, n: int, *, tokenizer, input_len: int, output_len
     source = TextSource(tokenizer, seed)
     inputs = lengths(rng, n, input_len, range_ratio)
     if dataset == "random":
+        return [BenchRequest(({"role": "user", "content": source.text(m)},), m, out)
+                for m, out in zip(inputs, outputs)]
+    if dataset == "long-prompt":
+        if long_len < 1 or long_every < 1:
+            raise ValueError("the long-prompt dataset needs a long length and a period of 1 "
+                             "or more")
+        inputs = [long_len if i % long_every == long_every - 1 else m
+                  for i, m in enumerate(inputs)]
         return [BenchRequest(({"role": "user", "content": source.text(m)},), m, out)
                 for m, out in zip(inputs, outputs)]
     if dataset == "shared-prefix":
