@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenmill.engine.block_manager import NULL_BLOCK
-from tokenmill.runner.attention import TorchAttentionMetadata
+from tokenmill.runner.attention import PAD_SLACK_KEYS, TorchAttentionMetadata, _decode_groups
 
 CPU = torch.device("cpu")
 BS = 4  # block size
@@ -20,9 +20,11 @@ def test_index_tensors_are_exact():
     assert meta.slot_mapping.tolist() == [2 * 4 + 1, 5 * 4 + 0, 9 * 4 + 0, 9 * 4 + 1, 9 * 4 + 2,
                                           0, 1]
     assert meta.num_decodes == 2
-    assert meta.decode_slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 0, 0, 0, 0, 0]]
-    assert meta.decode_mask.shape == (2, 1, 1, 6)
-    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 6, [True] + [False] * 5]
+    [group] = meta.decode_groups  # lengths this close: one padded batch, in batch order
+    assert group.rows == slice(0, 2)
+    assert group.slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 0, 0, 0, 0, 0]]
+    assert group.mask.shape == (2, 1, 1, 6)
+    assert group.mask[:, 0, 0].tolist() == [[True] * 6, [True] + [False] * 5]
     chunk, fresh = meta.chunks
     assert (chunk.start, chunk.end, fresh.start, fresh.end) == (2, 5, 5, 7)
     assert chunk.slots.tolist() == [12, 13, 14, 15, 36, 37, 38]
@@ -75,6 +77,38 @@ def test_forward_equals_naive_attention_and_writes_the_cache():
         start += n
 
 
+def test_decode_rows_group_by_length_so_a_long_context_pads_no_short_row():
+    assert _decode_groups([300, 280, 310]) == [[0, 1, 2]]  # padding within the slack
+    assert _decode_groups([100, 5000, 90, 4800, 120]) == [[1, 3], [0, 2, 4]]
+    long = PAD_SLACK_KEYS * 4
+    assert _decode_groups([long, 10, long // 2]) == [[0, 2], [1]]  # waste within half
+    assert _decode_groups([long, 10, long // 4]) == [[0], [1, 2]]
+    assert _decode_groups([]) == []
+
+
+def test_grouped_decode_rows_equal_naive_attention():
+    """A long context among short ones: its own group, the short rows another, out of batch
+    order; every row's output lands in its own row."""
+    torch.manual_seed(0)
+    hq, hkv, d = 4, 2, 8
+    lengths = [9, PAD_SLACK_KEYS + 700, 5, 12]
+    tables, first = [], 0
+    for length in lengths:  # distinct blocks for each row
+        n = -(-length // BS)
+        tables.append(list(range(first, first + n)))
+        first += n
+    k_cache, v_cache = torch.randn(first, BS, hkv, d), torch.randn(first, BS, hkv, d)
+    meta = TorchAttentionMetadata.build([1] * 4, lengths, tables, BS, CPU)
+    assert [g.rows.tolist() for g in meta.decode_groups] == [[1], [0, 2, 3]]
+    q, k, v = torch.randn(4, hq, d), torch.randn(4, hkv, d), torch.randn(4, hkv, d)
+    out = meta.forward(q, k, v, k_cache, v_cache)
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    for i, (length, table) in enumerate(zip(lengths, tables)):
+        slots = [table[p // BS] * BS + p % BS for p in range(length)]
+        expected = naive(q[i:i + 1], flat_k[slots], flat_v[slots], length - 1)
+        torch.testing.assert_close(out[i:i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_bfloat16_cache_under_a_float32_model_stores_rounded_keys_and_returns_float32():
     """The engine's bfloat16 KV cache under int/bf16 linears: new K/V are stored rounded to
     bfloat16 and attention is computed in bfloat16 over them, returned in the model's float32;
@@ -119,8 +153,9 @@ def test_window_index_tensors_are_exact():
     assert meta.slot_mapping.tolist() == ([9, 22, 36, 37, 38, 25, 26]
                                           + [40, 41, 42, 43, 44, 45, 46, 47, 48]
                                           + [52, 53, 54, 55, 56])
-    assert meta.decode_slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 21, 22, 0, 0, 0]]
-    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
+    [group] = meta.decode_groups
+    assert group.slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 21, 22, 0, 0, 0]]
+    assert group.mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
     chunk, late, long, short = meta.chunks
     assert chunk.slots.tolist() == [7, 12, 13, 14, 15, 36, 37, 38]  # positions 3..10
     assert chunk.mask.int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0],
@@ -138,8 +173,8 @@ def test_window_index_tensors_are_exact():
 def test_a_window_no_shorter_than_the_context_changes_nothing():
     args = ([1, 1, 3, 2], [6, 1, 7, 2], [[7, 2], [5], [3, 9], [0]], BS, CPU)
     full, wide = TorchAttentionMetadata.build(*args), TorchAttentionMetadata.build(*args, 7)
-    assert torch.equal(full.decode_slots, wide.decode_slots)
-    assert torch.equal(full.decode_mask, wide.decode_mask)
+    [a], [b] = full.decode_groups, wide.decode_groups
+    assert torch.equal(a.slots, b.slots) and torch.equal(a.mask, b.mask)
     for a, b in zip(full.chunks, wide.chunks, strict=True):
         assert (a.slots is None) == (b.slots is None) and (a.mask is None) == (b.mask is None)
         if a.slots is not None:
@@ -161,7 +196,8 @@ def test_window_forward_equals_naive_windowed_attention(window):
         tables.append([N] * skipped + table[skipped:])
     meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows], tables, BS,
                                         CPU, sliding_window=window)
-    assert meta.decode_slots.shape == (3, window)  # at most the window, however long the context
+    # at most the window, however long the context
+    assert [g.slots.shape for g in meta.decode_groups] == [(3, window)]
     t = sum(r[0] for r in rows)
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
     out = meta.forward(q, k, v, k_cache, v_cache)  # a NULL_BLOCK slot read would be out of range

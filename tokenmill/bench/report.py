@@ -63,8 +63,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("tokenmill bench: --plot needs matplotlib (pip install 'tokenmill[bench]')") \
-            from None
+        raise SystemExit("tokenmill bench: --plot needs matplotlib "
+                         "(pip install 'tokenmill[bench]')") from None
 
 
 def plot(path: Path, summaries: list[dict], title: str) -> None:

@@ -42,6 +42,23 @@ class AttentionMetadata(ABC):
         [T, Hq, D]."""
 
 
+# Decode rows are padded to the longest context of their group; a row joins a group while the
+# padding stays within half the group's real keys or this many keys, whichever is more. One
+# group for rows of similar length (one SDPA call a layer); a long context among short ones gets
+# its own, so it does not make every row read as many keys (measured: 8 streams beside one
+# 4,096-token context, docs/BENCHMARKS.md).
+PAD_SLACK_KEYS = 2048
+
+
+@dataclass
+class _DecodeGroup:
+    """Decode rows attended as one padded batch."""
+
+    rows: slice | Tensor  # their rows of the flat batch: a slice, or [b] int64 indices
+    slots: Tensor  # [b, Lmax] int64: slots of each row's keys (padding -> 0)
+    mask: Tensor  # [b, 1, 1, Lmax] bool: True on a row's real keys
+
+
 @dataclass
 class _Chunk:
     """A prefill chunk: rows [start, end) of the flat batch, one request."""
@@ -58,8 +75,7 @@ class TorchAttentionMetadata(AttentionMetadata):
 
     slot_mapping: Tensor  # [T] int64: cache slot of each new token
     num_decodes: int  # B: the first B rows have query length 1
-    decode_slots: Tensor  # [B, Lmax] int64: slots of each decode row's keys (padding -> 0)
-    decode_mask: Tensor  # [B, 1, 1, Lmax] bool: True on a row's real keys
+    decode_groups: list[_DecodeGroup]  # the B decode rows, each in one group
     chunks: list[_Chunk]  # prefill chunks after the decode rows, in batch order
 
     @classmethod
@@ -81,17 +97,24 @@ class TorchAttentionMetadata(AttentionMetadata):
         pos = clens[row] - qlens[row] + torch.arange(len(row)) - starts[row]  # [T]
         slot_mapping = _slots(tables[row], pos, block_size)  # [T]
 
-        # Decode rows: one padded [B, Lmax] gather of each row's last min(W, context) positions.
+        # Decode rows: per group, one padded [b, Lmax] gather of each row's last min(W, context)
+        # positions.
         dlens = clens[:num_decodes]  # [B]
         spans = dlens if sliding_window is None else dlens.clamp(max=sliding_window)  # [B]
-        lmax = int(spans.max()) if num_decodes else 0
-        ctx = torch.arange(lmax)  # [Lmax]
-        valid = ctx[None, :] < spans[:, None]  # [B, Lmax]
-        # Padding looks up the row's last position (its table may end there); slot 0, masked.
-        key_pos = torch.minimum((dlens - spans)[:, None] + ctx, dlens[:, None] - 1)  # [B, Lmax]
-        decode_slots = _slots(tables[:num_decodes, None, :].expand(-1, lmax, -1), key_pos,
-                              block_size) * valid  # [B, Lmax]
-        decode_mask = valid[:, None, None, :]  # [B, 1, 1, Lmax]
+        groups = []
+        for members in _decode_groups(spans.tolist()):
+            rows = (slice(0, num_decodes) if len(members) == num_decodes else
+                    torch.tensor(members, dtype=torch.long))
+            g_lens, g_spans = dlens[rows], spans[rows]  # [b]
+            lmax = int(g_spans.max())
+            ctx = torch.arange(lmax)  # [Lmax]
+            valid = ctx[None, :] < g_spans[:, None]  # [b, Lmax]
+            # Padding looks up the row's last position (its table may end there); slot 0, masked.
+            key_pos = torch.minimum((g_lens - g_spans)[:, None] + ctx, g_lens[:, None] - 1)
+            slots = _slots(tables[rows][:, None, :].expand(-1, lmax, -1), key_pos,
+                           block_size) * valid  # [b, Lmax]
+            groups.append(_DecodeGroup(rows if isinstance(rows, slice) else rows.to(device),
+                                       slots.to(device), valid[:, None, None, :].to(device)))
 
         chunks = []
         for i in range(num_decodes, len(query_lens)):
@@ -110,8 +133,7 @@ class TorchAttentionMetadata(AttentionMetadata):
             slots = (None if first_query == 0 else  # no earlier context: the chunk's own keys
                      _slots(tables[i].expand(len(k_pos), -1), k_pos, block_size).to(device))
             chunks.append(_Chunk(start, start + n, slots, mask.to(device)))
-        return cls(slot_mapping.to(device), num_decodes, decode_slots.to(device),
-                   decode_mask.to(device), chunks)
+        return cls(slot_mapping.to(device), num_decodes, groups, chunks)
 
     def forward(self, q, k, v, k_cache, v_cache):
         num_kv_heads, head_dim = k_cache.shape[-2:]
@@ -122,14 +144,17 @@ class TorchAttentionMetadata(AttentionMetadata):
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
-        b = self.num_decodes
-        if b:
-            qd = q[:b].unsqueeze(2)  # [B, Hq, 1, D]
-            kd = _gather(k_flat, self.decode_slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
-            vd = _gather(v_flat, self.decode_slots).transpose(1, 2)  # [B, Hkv, Lmax, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
-                                                enable_gqa=True)  # [B, Hq, 1, D]
-            out[:b] = od.squeeze(2)
+        for g in self.decode_groups:
+            rows = g.rows
+            qd = (q[rows] if isinstance(rows, slice) else q.index_select(0, rows)).unsqueeze(2)
+            kd = _gather(k_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
+            vd = _gather(v_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask,
+                                                enable_gqa=True).squeeze(2)  # [b, Hq, D]
+            if isinstance(rows, slice):
+                out[rows] = od
+            else:
+                out.index_copy_(0, rows, od.to(out.dtype))
         for c in self.chunks:
             qc = q[c.start:c.end].transpose(0, 1)  # [Hq, n, D]
             if c.slots is None:
@@ -143,6 +168,26 @@ class TorchAttentionMetadata(AttentionMetadata):
                                                 enable_gqa=True)  # [Hq, n, D]
             out[c.start:c.end] = oc.transpose(0, 1)
         return out
+
+
+def _decode_groups(spans: list[int]) -> list[list[int]]:
+    """Decode rows (by their key counts) -> groups of row indices, longest first: a row joins
+    the current group while the group's padding stays within PAD_SLACK_KEYS or half its real
+    keys. Rows of similar length: one group, in batch order."""
+    order = sorted(range(len(spans)), key=lambda i: -spans[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            group = groups[-1]
+            padded = (len(group) + 1) * spans[group[0]]
+            if padded - (real + spans[i]) <= max(PAD_SLACK_KEYS, (real + spans[i]) // 2):
+                group.append(i)
+                real += spans[i]
+                continue
+        groups.append([i])
+        real = spans[i]
+    return [sorted(group) for group in groups]
 
 
 def _gather(flat: Tensor, slots: Tensor) -> Tensor:
