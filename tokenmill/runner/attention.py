@@ -155,18 +155,21 @@ class TorchAttentionMetadata(AttentionMetadata):
                 out[rows] = od
             else:
                 out.index_copy_(0, rows, od.to(out.dtype))
+        # Chunks get a batch dimension of 1: PyTorch's CPU flash kernel takes only 4-D inputs,
+        # and 3-D ones fall back to the math path (a 512-token chunk over 4,096 keys: 120 ms a
+        # layer against 29 in float32, 10 in bfloat16).
         for c in self.chunks:
-            qc = q[c.start:c.end].transpose(0, 1)  # [Hq, n, D]
+            qc = q[c.start:c.end].transpose(0, 1)[None]  # [1, Hq, n, D]
             if c.slots is None:
-                kc = k[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
-                vc = v[c.start:c.end].transpose(0, 1)  # [Hkv, n, D]
+                kc = k[c.start:c.end].transpose(0, 1)[None]  # [1, Hkv, n, D]
+                vc = v[c.start:c.end].transpose(0, 1)[None]  # [1, Hkv, n, D]
             else:
-                kc = _gather(k_flat, c.slots).transpose(0, 1)  # [Hkv, L, D]
-                vc = _gather(v_flat, c.slots).transpose(0, 1)  # [Hkv, L, D]
+                kc = _gather(k_flat, c.slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
+                vc = _gather(v_flat, c.slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask,
                                                 is_causal=c.mask is None,
-                                                enable_gqa=True)  # [Hq, n, D]
-            out[c.start:c.end] = oc.transpose(0, 1)
+                                                enable_gqa=True)  # [1, Hq, n, D]
+            out[c.start:c.end] = oc[0].transpose(0, 1)
         return out
 
 
