@@ -54,11 +54,15 @@ def naive(q, k_ctx, v_ctx, first_pos, window=None):
     return out
 
 
-def test_forward_equals_naive_attention_and_writes_the_cache():
+@pytest.mark.parametrize("cache_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_forward_equals_naive_attention_and_writes_the_cache(cache_dtype, tol):
+    """A cache narrower than the model (the engine's bfloat16 cache under int/bf16 linears)
+    stores K/V rounded to its dtype and attends in it, returning the model's float32: naive
+    float32 attention over the rounded q, k and v, to that dtype's precision."""
     torch.manual_seed(0)
     hq, hkv, d, num_blocks = 6, 2, 8, 16
-    k_cache = torch.randn(num_blocks, BS, hkv, d)  # stale values everywhere
-    v_cache = torch.randn(num_blocks, BS, hkv, d)
+    k_cache = torch.randn(num_blocks, BS, hkv, d).to(cache_dtype)  # stale values everywhere
+    v_cache = torch.randn(num_blocks, BS, hkv, d).to(cache_dtype)
     # (new tokens, context after the step, block table)
     rows = [(1, 9, [4, 1, 12]), (1, 3, [6]), (4, 10, [2, 15, 0]), (5, 5, [8, 3])]
     meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows],
@@ -66,14 +70,17 @@ def test_forward_equals_naive_attention_and_writes_the_cache():
     t = sum(r[0] for r in rows)
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
     out = meta.forward(q, k, v, k_cache, v_cache)
+    assert out.dtype == torch.float32
 
     flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    assert torch.equal(flat_k[meta.slot_mapping], k) and torch.equal(flat_v[meta.slot_mapping], v)
+    assert torch.equal(flat_k[meta.slot_mapping], k.to(cache_dtype))
+    assert torch.equal(flat_v[meta.slot_mapping], v.to(cache_dtype))
     start = 0
     for n, length, table in rows:
         slots = [table[p // BS] * BS + p % BS for p in range(length)]
-        expected = naive(q[start:start + n], flat_k[slots], flat_v[slots], length - n)
-        torch.testing.assert_close(out[start:start + n], expected, rtol=1e-5, atol=1e-5)
+        expected = naive(q[start:start + n].to(cache_dtype).float(), flat_k[slots].float(),
+                         flat_v[slots].float(), length - n)
+        torch.testing.assert_close(out[start:start + n], expected, rtol=tol, atol=tol)
         start += n
 
 
@@ -122,35 +129,6 @@ def test_every_row_kind_takes_the_cpu_flash_kernel_never_the_math_path(dtype):
     ops = [e.key for e in prof.key_averages()]
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_scaled_dot_product_attention_math" not in ops
-
-
-def test_a_bfloat16_cache_under_a_float32_model_stores_rounded_keys_and_returns_float32():
-    """The engine's bfloat16 KV cache under int/bf16 linears: new K/V are stored rounded to
-    bfloat16 and attention is computed in bfloat16 over them, returned in the model's float32;
-    so it equals naive float32 attention over the bfloat16-rounded q, k and v, to bfloat16's
-    precision."""
-    torch.manual_seed(0)
-    hq, hkv, d, num_blocks = 6, 2, 8, 16
-    k_cache = torch.randn(num_blocks, BS, hkv, d).bfloat16()
-    v_cache = torch.randn(num_blocks, BS, hkv, d).bfloat16()
-    rows = [(1, 9, [4, 1, 12]), (1, 3, [6]), (4, 10, [2, 15, 0]), (5, 5, [8, 3])]
-    meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows],
-                                        [r[2] for r in rows], BS, CPU)
-    t = sum(r[0] for r in rows)
-    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
-    out = meta.forward(q, k, v, k_cache, v_cache)
-    assert out.dtype == torch.float32
-
-    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    assert torch.equal(flat_k[meta.slot_mapping], k.bfloat16())
-    assert torch.equal(flat_v[meta.slot_mapping], v.bfloat16())
-    start = 0
-    for n, length, table in rows:
-        slots = [table[p // BS] * BS + p % BS for p in range(length)]
-        expected = naive(q[start:start + n].bfloat16().float(), flat_k[slots].float(),
-                         flat_v[slots].float(), length - n)
-        torch.testing.assert_close(out[start:start + n], expected, rtol=2e-2, atol=2e-2)
-        start += n
 
 
 N = NULL_BLOCK
