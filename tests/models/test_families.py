@@ -18,7 +18,10 @@ from tokenmill.models.rope import rope_cache
 from tokenmill.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
-TOL = dict(rtol=1e-4, atol=1e-4)
+# Prefill chunks run on PyTorch's CPU flash kernel, whose online softmax sums the keys in blocks,
+# in another order than transformers' attention: on the tiny Llama 3 and Mixtral (activations
+# ~1e3 from initializer_range 1.0) whole-prompt logits come up to 1.2e-4 apart (others: 1e-4).
+TOL = dict(rtol=1e-4, atol=2e-4)
 # In a mixed batch each expert's matmul also holds other requests' tokens, a different BLAS
 # blocking than alone: on the tiny Mixtral (activations ~1e3 from initializer_range 1.0) a token's
 # logits move by up to 2.2e-4 with its batch neighbours (dense families: 3e-5).
