@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_models import MAX_POSITIONS, SLIDING_WINDOW
-from test_families import hf_logits  # transformers chunk by chunk over its own cache
+from test_families import TOL, hf_logits  # transformers chunk by chunk over its own cache
 from tokenmill.engine.block_manager import NULL_BLOCK
 from tokenmill.llm import LLM
 from tokenmill.models.loader import load_model
@@ -85,7 +85,7 @@ def test_whole_prompt_logits_equal_transformers(tiny, prompts):
     prompt = prompts[1]  # 64 tokens, four windows
     table = list(range(39, 39 - 16, -1))  # blocks in reverse order
     logits = run(ours.model, new_cache(ours.config), [(prompt, 0, table)])
-    torch.testing.assert_close(logits, hf_logits(ref, prompt), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, hf_logits(ref, prompt), **TOL)
 
 
 def test_the_window_matters(tiny, prompts):
@@ -148,9 +148,9 @@ def test_mixed_flat_batch_equals_each_request_alone(tiny, prompts):
     logits = run(ours.model, cache, [(a[39:], 39, [4, 11, 6, 20, 13, 1, 22, 23, 24, 25]),
                                      (b[29:], 29, [30, 31, 32, 33, 34, 35, 36, 37]),
                                      (c, 0, [0, 2, 3, 5, 7, 8, 9, 10, 12, 14, 15, 16])])
-    torch.testing.assert_close(logits[0], hf_logits(ref, a)[-1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits[1], hf_logits(ref, b)[-1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits[2:], hf_logits(ref, c), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], hf_logits(ref, a)[-1], **TOL)
+    torch.testing.assert_close(logits[1], hf_logits(ref, b)[-1], **TOL)
+    torch.testing.assert_close(logits[2:], hf_logits(ref, c), **TOL)
 
 
 def hf_greedy(ref, prompt, n):

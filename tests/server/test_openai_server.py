@@ -414,9 +414,9 @@ def test_float32_edge_parameters_are_served_and_the_engine_lives(server, http):
 
 
 async def test_hangups_abort_and_free_the_engine(server):
-    """200 requests that would each generate 900 tokens hang up after 0.5 s (half streaming);
-    none may finish, then a normal request must succeed quickly and the
-    running/waiting gauges must be back at 0."""
+    """200 requests that would each generate 900 tokens hang up after 0.5 s without a byte,
+    or 3 s in all (half streaming); none may finish, then a normal request must succeed
+    quickly and the running/waiting gauges must be back at 0."""
     client = openai.AsyncOpenAI(base_url=server.v1, api_key=server.key, max_retries=0,
                                 timeout=0.5)
     messages = [{"role": "user", "content": f"Tell me a long story. {CANARY}"}]
@@ -425,8 +425,10 @@ async def test_hangups_abort_and_free_the_engine(server):
     async def one(i):
         # httpx's timeout bounds each read, not the whole stream: once most requests have hung
         # up, a survivor's chunks come faster than 0.5 s apart, so the stream also gets a total
-        # deadline (the task is cancelled and its connection closed, as a client's would be).
-        async with asyncio.timeout(0.5):
+        # deadline (its task cancelled and its connection closed, as a client's would be). 3 s
+        # leave a loaded machine time to start every request (they must reach the engine to
+        # be counted as disconnected) and allow a stream ~200 of its 900 tokens at most.
+        async with asyncio.timeout(3):
             if i % 2:
                 stream = await client.chat.completions.create(
                     model=MODEL_ID, messages=messages, max_tokens=900, stream=True,
