@@ -4,11 +4,18 @@ throwaway PostgreSQL database; and the `slow` marker, put on every test that nee
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 
 import pytest
 import torch
+
+from tokenmill.models.default import tokenmill_home
+
+# The native kernels are compiled once (about half a minute) into the real home's cache, not
+# into each test server's throwaway $TOKENMILL_HOME; the servers inherit this.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tokenmill_home() / "cache" / "extensions"))
 
 
 # A test is slow when its fixture closure holds one of these: the default model's file (fetched

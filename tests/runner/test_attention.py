@@ -1,4 +1,6 @@
-"""The plain-PyTorch paged attention backend: exact index tensors, and output vs a naive loop."""
+"""The paged attention backends: exact index tensors, and output vs a naive loop. Both the
+plain-PyTorch backend and the native paged decode kernel (`BACKENDS`) are held to the same naive
+reference; the kernel is built once per machine (runner/native.py)."""
 
 import math
 
@@ -6,10 +8,16 @@ import pytest
 import torch
 
 from tokenmill.engine.block_manager import NULL_BLOCK
-from tokenmill.runner.attention import PAD_SLACK_KEYS, TorchAttentionMetadata, _decode_groups
+from tokenmill.runner.attention import (PAD_SLACK_KEYS, CpuPagedAttentionMetadata,
+                                        TorchAttentionMetadata, _decode_groups)
+from tokenmill.runner.native import paged_decode_attention
 
 CPU = torch.device("cpu")
 BS = 4  # block size
+NATIVE = pytest.mark.skipif(paged_decode_attention() is None,
+                            reason="the native paged kernel could not be built here (no compiler?)")
+BACKENDS = [TorchAttentionMetadata,
+            pytest.param(CpuPagedAttentionMetadata, marks=NATIVE, id="native-paged")]
 
 
 def test_index_tensors_are_exact():
@@ -20,7 +28,7 @@ def test_index_tensors_are_exact():
     assert meta.slot_mapping.tolist() == [2 * 4 + 1, 5 * 4 + 0, 9 * 4 + 0, 9 * 4 + 1, 9 * 4 + 2,
                                           0, 1]
     assert meta.num_decodes == 2
-    [group] = meta.decode_groups  # lengths this close: one padded batch, in batch order
+    [group] = meta.decodes.groups  # lengths this close: one padded batch, in batch order
     assert group.rows == slice(0, 2)
     assert group.slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 0, 0, 0, 0, 0]]
     assert group.mask.shape == (2, 1, 1, 6)
@@ -54,8 +62,9 @@ def naive(q, k_ctx, v_ctx, first_pos, window=None):
     return out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cache_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_forward_equals_naive_attention_and_writes_the_cache(cache_dtype, tol):
+def test_forward_equals_naive_attention_and_writes_the_cache(cache_dtype, tol, backend):
     """A cache narrower than the model (the engine's bfloat16 cache under int/bf16 linears)
     stores K/V rounded to its dtype and attends in it, returning the model's float32: naive
     float32 attention over the rounded q, k and v, to that dtype's precision."""
@@ -65,7 +74,7 @@ def test_forward_equals_naive_attention_and_writes_the_cache(cache_dtype, tol):
     v_cache = torch.randn(num_blocks, BS, hkv, d).to(cache_dtype)
     # (new tokens, context after the step, block table)
     rows = [(1, 9, [4, 1, 12]), (1, 3, [6]), (4, 10, [2, 15, 0]), (5, 5, [8, 3])]
-    meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows],
+    meta = backend.build([r[0] for r in rows], [r[1] for r in rows],
                                         [r[2] for r in rows], BS, CPU)
     t = sum(r[0] for r in rows)
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
@@ -106,7 +115,7 @@ def test_grouped_decode_rows_equal_naive_attention():
         first += n
     k_cache, v_cache = torch.randn(first, BS, hkv, d), torch.randn(first, BS, hkv, d)
     meta = TorchAttentionMetadata.build([1] * 4, lengths, tables, BS, CPU)
-    assert [g.rows.tolist() for g in meta.decode_groups] == [[1], [0, 2, 3]]
+    assert [g.rows.tolist() for g in meta.decodes.groups] == [[1], [0, 2, 3]]
     q, k, v = torch.randn(4, hq, d), torch.randn(4, hkv, d), torch.randn(4, hkv, d)
     out = meta.forward(q, k, v, k_cache, v_cache)
     flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
@@ -131,6 +140,43 @@ def test_every_row_kind_takes_the_cpu_flash_kernel_never_the_math_path(dtype):
     assert "aten::_scaled_dot_product_attention_math" not in ops
 
 
+@NATIVE
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_native_paged_decodes_equal_gathered_sdpa_at_model_shapes(cache_dtype):
+    """The default model's heads (9 query heads over 3 KV heads of 64) in blocks of 16: rows of
+    one token, of a block and one, of many blocks, in shuffled blocks; in float32 the two paths
+    agree to rounding."""
+    torch.manual_seed(0)
+    hq, hkv, d, bs = 9, 3, 64, 16
+    lengths = [1, 16, 17, 200, 1000, 33]
+    sizes = [-(-n // bs) for n in lengths]
+    blocks = torch.randperm(sum(sizes) + 5).tolist()
+    tables = [blocks[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    k_cache = torch.randn(sum(sizes) + 5, bs, hkv, d).to(cache_dtype)
+    v_cache = torch.randn(sum(sizes) + 5, bs, hkv, d).to(cache_dtype)
+    q, k, v = (torch.randn(len(lengths), h, d) for h in (hq, hkv, hkv))
+    outs = []
+    for backend in (TorchAttentionMetadata, CpuPagedAttentionMetadata):
+        meta = backend.build([1] * len(lengths), lengths, tables, bs, CPU)
+        outs.append(meta.forward(q, k, v, k_cache.clone(), v_cache.clone()))
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+
+
+@NATIVE
+def test_native_decodes_read_the_cache_in_place():
+    """No gather (index_select) and no SDPA for decode rows: the one kernel call a layer."""
+    hq, hkv, d = 6, 2, 8
+    k_cache, v_cache = (torch.randn(16, BS, hkv, d) for _ in range(2))
+    meta = CpuPagedAttentionMetadata.build([1, 1], [6, 9], [[7, 2], [3, 9, 4]], BS, CPU)
+    q, k, v = torch.randn(2, hq, d), torch.randn(2, hkv, d), torch.randn(2, hkv, d)
+    with torch.profiler.profile() as prof:
+        meta.forward(q, k, v, k_cache, v_cache)
+    ops = [e.key for e in prof.key_averages()]
+    assert "tokenmill::paged_decode_attention" in ops
+    assert not any("index_select" in op or "scaled_dot_product" in op for op in ops)
+
+
 N = NULL_BLOCK
 
 
@@ -146,7 +192,7 @@ def test_window_index_tensors_are_exact():
     assert meta.slot_mapping.tolist() == ([9, 22, 36, 37, 38, 25, 26]
                                           + [40, 41, 42, 43, 44, 45, 46, 47, 48]
                                           + [52, 53, 54, 55, 56])
-    [group] = meta.decode_groups
+    [group] = meta.decodes.groups
     assert group.slots.tolist() == [[28, 29, 30, 31, 8, 9], [20, 21, 22, 0, 0, 0]]
     assert group.mask[:, 0, 0].tolist() == [[True] * 6, [True] * 3 + [False] * 3]
     chunk, late, long, short = meta.chunks
@@ -166,7 +212,7 @@ def test_window_index_tensors_are_exact():
 def test_a_window_no_shorter_than_the_context_changes_nothing():
     args = ([1, 1, 3, 2], [6, 1, 7, 2], [[7, 2], [5], [3, 9], [0]], BS, CPU)
     full, wide = TorchAttentionMetadata.build(*args), TorchAttentionMetadata.build(*args, 7)
-    [a], [b] = full.decode_groups, wide.decode_groups
+    [a], [b] = full.decodes.groups, wide.decodes.groups
     assert torch.equal(a.slots, b.slots) and torch.equal(a.mask, b.mask)
     for a, b in zip(full.chunks, wide.chunks, strict=True):
         assert (a.slots is None) == (b.slots is None) and (a.mask is None) == (b.mask is None)
@@ -174,8 +220,9 @@ def test_a_window_no_shorter_than_the_context_changes_nothing():
             assert torch.equal(a.slots, b.slots) and torch.equal(a.mask, b.mask)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [6, 8])  # not a multiple of the block size, and one
-def test_window_forward_equals_naive_windowed_attention(window):
+def test_window_forward_equals_naive_windowed_attention(window, backend):
     torch.manual_seed(0)
     hq, hkv, d, num_blocks = 6, 2, 8, 24
     k_cache = torch.randn(num_blocks, BS, hkv, d)  # stale values everywhere
@@ -187,10 +234,12 @@ def test_window_forward_equals_naive_windowed_attention(window):
     for n, length, table in rows:  # what the block manager hands the runner: no block is
         skipped = max(0, length - n - window + 1) // BS  # wholly before the first query's window
         tables.append([N] * skipped + table[skipped:])
-    meta = TorchAttentionMetadata.build([r[0] for r in rows], [r[1] for r in rows], tables, BS,
-                                        CPU, sliding_window=window)
-    # at most the window, however long the context
-    assert [g.slots.shape for g in meta.decode_groups] == [(3, window)]
+    meta = backend.build([r[0] for r in rows], [r[1] for r in rows], tables, BS, CPU,
+                         sliding_window=window)
+    if backend is TorchAttentionMetadata:  # at most the window, however long the context
+        assert [g.slots.shape for g in meta.decodes.groups] == [(3, window)]
+    else:  # the kernel starts each row at its window
+        assert meta.decodes.starts.tolist() == [23 - window, 0, 8 - window]
     t = sum(r[0] for r in rows)
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
     out = meta.forward(q, k, v, k_cache, v_cache)  # a NULL_BLOCK slot read would be out of range

@@ -3,7 +3,10 @@
 A backend is an `AttentionMetadata` subclass: `build()` turns one step's rows (query length,
 context length, block table) into index tensors ONCE per step, and `forward()` is called by every
 layer to write the step's new K/V into that layer's cache and attend. The plain-PyTorch backend
-here runs everywhere; flash / paged kernels are later subclasses.
+here runs everywhere: decode rows gathered into padded batches for SDPA, prefill chunks through
+SDPA (PyTorch's CPU flash kernel). `CpuPagedAttentionMetadata` differs in decode rows only: a
+native kernel (runner/csrc/paged_attention.cpp) reads their keys and values in place from the
+cache blocks, gathering nothing.
 
 Cache layout, per layer: K and V are each [num_blocks, block_size, num_kv_heads, head_dim]; token
 `p` of a request lives in slot `block_table[p // block_size] * block_size + p % block_size`.
@@ -18,10 +21,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tokenmill.runner.native import paged_decode_attention
 
 
 class AttentionMetadata(ABC):
@@ -50,6 +56,21 @@ class AttentionMetadata(ABC):
 PAD_SLACK_KEYS = 2048
 
 
+class _Decodes(ABC):
+    """How one step's B decode rows (query length 1, first in the batch) are attended."""
+
+    @classmethod
+    @abstractmethod
+    def build(cls, lens: Tensor, spans: Tensor, tables: Tensor, block_size: int,
+              device: torch.device) -> _Decodes:
+        """lens [B]: each row's context after this step; spans [B]: how many of its last
+        positions it attends (min(W, context)); tables [B, W] int64 block tables."""
+
+    @abstractmethod
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, out: Tensor) -> None:
+        """q [B, Hq, D] in the cache's dtype -> out [B, Hq, D] (the model's dtype), in place."""
+
+
 @dataclass
 class _DecodeGroup:
     """Decode rows attended as one padded batch."""
@@ -57,6 +78,70 @@ class _DecodeGroup:
     rows: slice | Tensor  # their rows of the flat batch: a slice, or [b] int64 indices
     slots: Tensor  # [b, Lmax] int64: slots of each row's keys (padding -> 0)
     mask: Tensor  # [b, 1, 1, Lmax] bool: True on a row's real keys
+
+
+@dataclass
+class GatheredDecodes(_Decodes):
+    """Plain PyTorch: per group of rows of similar length, each row's keys and values gathered
+    into a padded [b, Hkv, Lmax, D] batch, then one masked SDPA call."""
+
+    groups: list[_DecodeGroup]  # every decode row in exactly one group
+
+    @classmethod
+    def build(cls, lens, spans, tables, block_size, device):
+        groups = []
+        for members in _decode_groups(spans.tolist()):
+            rows = (slice(0, len(lens)) if len(members) == len(lens) else
+                    torch.tensor(members, dtype=torch.long))
+            g_lens, g_spans = lens[rows], spans[rows]  # [b]
+            lmax = int(g_spans.max())
+            ctx = torch.arange(lmax)  # [Lmax]
+            valid = ctx[None, :] < g_spans[:, None]  # [b, Lmax]
+            # Padding looks up the row's last position (its table may end there); slot 0, masked.
+            key_pos = torch.minimum((g_lens - g_spans)[:, None] + ctx, g_lens[:, None] - 1)
+            slots = _slots(tables[rows][:, None, :].expand(-1, lmax, -1), key_pos,
+                           block_size) * valid  # [b, Lmax]
+            groups.append(_DecodeGroup(rows if isinstance(rows, slice) else rows.to(device),
+                                       slots.to(device), valid[:, None, None, :].to(device)))
+        return cls(groups)
+
+    def attend(self, q, k_cache, v_cache, out):
+        num_kv_heads, head_dim = k_cache.shape[-2:]
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
+        for g in self.groups:
+            qd = q[g.rows].unsqueeze(2)  # [b, Hq, 1, D]
+            kd = _gather(k_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
+            vd = _gather(v_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask,
+                                                enable_gqa=True)  # [b, Hq, 1, D]
+            out[g.rows] = od.squeeze(2).to(out.dtype)  # an index put needs the same dtype
+
+
+@dataclass
+class PagedDecodes(_Decodes):
+    """The native kernel: each row's keys [starts, lens) read in place through its block table,
+    whatever their lengths (no padding, no groups)."""
+
+    tables: Tensor  # [B, W] int32
+    starts: Tensor  # [B] int32: first position attended
+    lens: Tensor  # [B] int32: one past the last
+
+    @classmethod
+    def build(cls, lens, spans, tables, block_size, device):
+        return cls(tables.to(device=device, dtype=torch.int32).contiguous(),
+                   (lens - spans).to(device=device, dtype=torch.int32),
+                   lens.to(device=device, dtype=torch.int32))
+
+    def attend(self, q, k_cache, v_cache, out):
+        kernel = paged_decode_attention()
+        assert kernel is not None, "CpuPagedAttentionMetadata needs the native kernel"
+        q = q.contiguous()
+        result = out if out.dtype == q.dtype and out.is_contiguous() else torch.empty_like(q)
+        kernel(q, k_cache, v_cache, self.tables, self.starts, self.lens, q.shape[-1] ** -0.5,
+               result)
+        if result is not out:
+            out.copy_(result)
 
 
 @dataclass
@@ -71,12 +156,15 @@ class _Chunk:
 
 @dataclass
 class TorchAttentionMetadata(AttentionMetadata):
-    """Plain-PyTorch backend: decode rows as one padded batch, prefill chunks one at a time."""
+    """Plain-PyTorch backend: decode rows gathered into padded batches, prefill chunks one at a
+    time."""
 
     slot_mapping: Tensor  # [T] int64: cache slot of each new token
     num_decodes: int  # B: the first B rows have query length 1
-    decode_groups: list[_DecodeGroup]  # the B decode rows, each in one group
+    decodes: _Decodes  # how the B decode rows are attended
     chunks: list[_Chunk]  # prefill chunks after the decode rows, in batch order
+
+    decodes_class: ClassVar[type[_Decodes]] = GatheredDecodes
 
     @classmethod
     def build(cls, query_lens, context_lens, block_tables, block_size, device,
@@ -97,24 +185,10 @@ class TorchAttentionMetadata(AttentionMetadata):
         pos = clens[row] - qlens[row] + torch.arange(len(row)) - starts[row]  # [T]
         slot_mapping = _slots(tables[row], pos, block_size)  # [T]
 
-        # Decode rows: per group, one padded [b, Lmax] gather of each row's last min(W, context)
-        # positions.
         dlens = clens[:num_decodes]  # [B]
         spans = dlens if sliding_window is None else dlens.clamp(max=sliding_window)  # [B]
-        groups = []
-        for members in _decode_groups(spans.tolist()):
-            rows = (slice(0, num_decodes) if len(members) == num_decodes else
-                    torch.tensor(members, dtype=torch.long))
-            g_lens, g_spans = dlens[rows], spans[rows]  # [b]
-            lmax = int(g_spans.max())
-            ctx = torch.arange(lmax)  # [Lmax]
-            valid = ctx[None, :] < g_spans[:, None]  # [b, Lmax]
-            # Padding looks up the row's last position (its table may end there); slot 0, masked.
-            key_pos = torch.minimum((g_lens - g_spans)[:, None] + ctx, g_lens[:, None] - 1)
-            slots = _slots(tables[rows][:, None, :].expand(-1, lmax, -1), key_pos,
-                           block_size) * valid  # [b, Lmax]
-            groups.append(_DecodeGroup(rows if isinstance(rows, slice) else rows.to(device),
-                                       slots.to(device), valid[:, None, None, :].to(device)))
+        decodes = cls.decodes_class.build(dlens, spans, tables[:num_decodes], block_size,
+                                          device)
 
         chunks = []
         for i in range(num_decodes, len(query_lens)):
@@ -133,7 +207,7 @@ class TorchAttentionMetadata(AttentionMetadata):
             slots = (None if first_query == 0 else  # no earlier context: the chunk's own keys
                      _slots(tables[i].expand(len(k_pos), -1), k_pos, block_size).to(device))
             chunks.append(_Chunk(start, start + n, slots, mask.to(device)))
-        return cls(slot_mapping.to(device), num_decodes, groups, chunks)
+        return cls(slot_mapping.to(device), num_decodes, decodes, chunks)
 
     def forward(self, q, k, v, k_cache, v_cache):
         num_kv_heads, head_dim = k_cache.shape[-2:]
@@ -144,13 +218,9 @@ class TorchAttentionMetadata(AttentionMetadata):
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)  # [S, Hkv, D]
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
-        for g in self.decode_groups:
-            qd = q[g.rows].unsqueeze(2)  # [b, Hq, 1, D]
-            kd = _gather(k_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
-            vd = _gather(v_flat, g.slots).transpose(1, 2)  # [b, Hkv, Lmax, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask,
-                                                enable_gqa=True)  # [b, Hq, 1, D]
-            out[g.rows] = od.squeeze(2).to(out.dtype)  # an index put needs the same dtype
+        if self.num_decodes:
+            b = self.num_decodes
+            self.decodes.attend(q[:b], k_cache, v_cache, out[:b])
         # Chunks get a batch dimension of 1: PyTorch's CPU flash kernel takes only 4-D inputs,
         # and 3-D ones fall back to the math path (a 512-token chunk over 4,096 keys: 120 ms a
         # layer against 29 in float32, 10 in bfloat16).
@@ -167,6 +237,13 @@ class TorchAttentionMetadata(AttentionMetadata):
                                                 enable_gqa=True)  # [1, Hq, n, D]
             out[c.start:c.end] = oc[0].transpose(0, 1)
         return out
+
+
+class CpuPagedAttentionMetadata(TorchAttentionMetadata):
+    """Decode rows through the native paged kernel (only where `paged_decode_attention()`
+    loaded); prefill chunks as in the plain backend."""
+
+    decodes_class = PagedDecodes
 
 
 def _decode_groups(spans: list[int]) -> list[list[int]]:

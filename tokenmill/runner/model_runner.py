@@ -14,10 +14,12 @@ from tokenmill.config import CacheConfig, ModelConfig
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
 from tokenmill.models.default import tokenmill_home
 from tokenmill.models.loader import LoadedModel
+from tokenmill.runner.attention import CpuPagedAttentionMetadata, TorchAttentionMetadata
 from tokenmill.runner.cpu_linear import can_pack, model_copy
 from tokenmill.runner.linear_plan import apply_plan, linear_shapes, plan_for
 from tokenmill.runner.grammar_mask import GrammarMasks
 from tokenmill.runner.input_batch import InputBatch
+from tokenmill.runner.native import paged_decode_attention
 from tokenmill.runner.sampler import Sampler
 
 
@@ -54,6 +56,11 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(c.vocab_size, c.eos_token_ids)
         self.grammar_masks = GrammarMasks(c.vocab_size)
+        # Decode attention: the native paged kernel on the CPU where it builds, else SDPA over
+        # gathered keys (the same result; see runner/attention.py).
+        self.attention_backend = (CpuPagedAttentionMetadata if device.type == "cpu"
+                                  and paged_decode_attention() is not None
+                                  else TorchAttentionMetadata)
         if can_pack(device, dtype):
             model = self.model if owns_model else model_copy(self.model)
             plan = plan_for(quantization, linear_shapes(model), tokenmill_home() / "cache" /
@@ -77,7 +84,7 @@ class ModelRunner:
         if sched_out.is_empty:
             return RunnerOutput([], [], [])
         batch = InputBatch.build(sched_out.scheduled, self.block_size, self.device,
-                                 self.sliding_window)
+                                 self.sliding_window, self.attention_backend)
         requests = batch.sample_requests
         masks = self.grammar_masks.start(requests)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, H]
