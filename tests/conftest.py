@@ -145,6 +145,19 @@ def new_pg_database():
     admin.dispose()
 
 
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The URL of the tests' Redis; skips the test where it is unreachable."""
+    try:
+        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
+    except OSError:
+        pytest.skip(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}")
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
 @pytest.fixture(scope="session")
 def pg_database(new_pg_database):
     """The URL of a fresh PostgreSQL database shared by the session."""

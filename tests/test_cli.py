@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tokenmill.catalog.catalog import load_catalog
-from tokenmill.cli import (ENGINE_OPTIONS, UsageError, _given, build_parser, check_fits, kv_shares,
-                           main, resolve_specs)
+from tokenmill.cli import (ENGINE_OPTIONS, UsageError, _given, build_parser, check_fits,
+                           check_shared_limits, kv_shares, main, resolve_specs)
 from tokenmill.config import EngineConfig
 
 GIB = 1 << 30
@@ -85,6 +85,32 @@ def test_serve_refuses_before_loading_anything(home, tiny_checkpoint, capsys):
     assert "max_key_share must be in (0, 1], not 2.0" in capsys.readouterr().err
     assert main(["serve", "--model", llama, "--max-pending-sequences", "0"]) == 2
     assert "max_pending_sequences must be >= 1, not 0" in capsys.readouterr().err
+
+
+SQLITE_WITH_REDIS = ("tokenmill serve: --redis needs the store on PostgreSQL (--db "
+                     "postgresql://... or $TOKENMILL_DB), not SQLite: the replicas sharing limits "
+                     "in Redis must share one ledger, and several servers cannot share a SQLite "
+                     "file\n")
+
+
+def test_serve_with_redis_refuses_sqlite_and_no_auth_before_anything_starts(home, monkeypatch,
+                                                                             capsys):
+    monkeypatch.delenv("TOKENMILL_DB", raising=False)
+    redis = ["serve", "--redis", "redis://127.0.0.1:6379/0"]
+    assert main(redis) == 2  # the default store: SQLite in $TOKENMILL_HOME
+    assert capsys.readouterr().err == SQLITE_WITH_REDIS
+    assert main([*redis, "--db", f"sqlite:///{home / 'other.db'}"]) == 2
+    assert capsys.readouterr().err == SQLITE_WITH_REDIS
+    monkeypatch.setenv("TOKENMILL_DB", f"sqlite:///{home / 'env.db'}")
+    assert main(redis) == 2
+    assert capsys.readouterr().err == SQLITE_WITH_REDIS
+    assert main([*redis, "--no-auth"]) == 2
+    assert capsys.readouterr().err == ("tokenmill serve: --redis limits API keys, and --no-auth "
+                                       "serves without any: drop one\n")
+    assert list(home.iterdir()) == []  # no store, no admin key: nothing was started
+    check_shared_limits("redis://127.0.0.1:6379/0", "postgresql://u@db.example/tokenmill", False)
+    check_shared_limits("redis://127.0.0.1:6379/0", "postgres://u@db.example/tokenmill", False)
+    check_shared_limits(None, "sqlite:///tokenmill.db", True)  # no --redis: anything goes
 
 
 def test_serve_passes_only_the_engine_options_given_and_defaults_to_auto_quantization():

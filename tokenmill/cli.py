@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="while the store is unreachable, serve keys already seen and spool "
                             "usage records to $TOKENMILL_HOME/usage-spool.jsonl (default: refuse "
                             "requests with a 503)")
+    serve.add_argument("--redis", metavar="URL",
+                       help="keep rate limits and budgets in this Redis (redis://HOST:PORT/DB), "
+                            "shared by every server using it, so that several replicas limit "
+                            "each key as one would; needs the store on PostgreSQL (default: "
+                            "limits per server process)")
+    serve.add_argument("--redis-prefix", metavar="PREFIX", default="tokenmill:limits:",
+                       help="where in that Redis: deployments sharing one Redis each need their "
+                            "own (default: %(default)s)")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
@@ -219,6 +227,25 @@ def _check_memory(resolved: list, shares: list[float], args) -> None:
     check_fits(weights, shares, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def check_shared_limits(redis_url: str | None, store_url: str, no_auth: bool) -> None:
+    """--redis shares limits between ingress replicas, which then share the ledger too: on
+    PostgreSQL, as several machines cannot share one SQLite file."""
+    from tokenmill.platform.store import StoreUnavailable, normalise_url
+
+    if redis_url is None:
+        return
+    if no_auth:
+        raise UsageError("--redis limits API keys, and --no-auth serves without any: drop one")
+    try:
+        backend = normalise_url(store_url).get_backend_name()
+    except StoreUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    if backend != "postgresql":
+        raise UsageError("--redis needs the store on PostgreSQL (--db postgresql://... or "
+                         "$TOKENMILL_DB), not SQLite: the replicas sharing limits in Redis must "
+                         "share one ledger, and several servers cannot share a SQLite file")
+
+
 def fingerprint(path: Path, dtype: str) -> str:
     """system_fingerprint: changes when the code, the model file or the dtype does."""
     return "fp_" + hashlib.sha256(f"{__version__}:{path.name}:{dtype}".encode()).hexdigest()[:10]
@@ -286,13 +313,16 @@ def serve_command(args) -> int:
     from tokenmill.server.app import build_app
     from tokenmill.platform.keys import KeyService
     from tokenmill.platform.ledger import Ledger
+    from tokenmill.platform.limits import InProcessLimiter, LimiterUnavailable
+    from tokenmill.platform.redis_limits import RedisLimiter
     from tokenmill.platform.spool import UsageSpool
-    from tokenmill.platform.store import StoreUnavailable, open_store
+    from tokenmill.platform.store import StoreUnavailable, default_url, open_store
     from tokenmill.server.auth import ensure_admin_key
     from tokenmill.server.state import ServerSettings
     from tokenmill.web import mount_web
 
     try:
+        check_shared_limits(args.redis, args.db or default_url(), args.no_auth)
         catalog = load_catalog(args.catalog)
         resolved = resolve_specs(catalog, args.model or [DEFAULT_MODEL_ID])
         shares = kv_shares(len(resolved), args.kv_cache_gib)
@@ -304,17 +334,22 @@ def serve_command(args) -> int:
     home = tokenmill_home()
     home.mkdir(parents=True, exist_ok=True)
     keys = ledger = spool = None
+    limiter = InProcessLimiter()
     if args.no_auth:
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
                     args.host, args.port)
     else:
         try:
+            if args.redis is not None:  # reached now: LimiterUnavailable, ValueError (bad URL)
+                limiter = RedisLimiter.from_url(args.redis, args.redis_prefix)
+                log.info("rate limits and budgets in Redis at %s, shared with every server "
+                         "using it", limiter.address)
             store = open_store(args.db)
             keys, ledger = KeyService(store), Ledger(store)
             key = ensure_admin_key(keys, home)
             spool = UsageSpool(home / "usage-spool.jsonl")
             spool.replay(ledger)  # what an earlier run spooled through an outage
-        except (StoreUnavailable, ValueError) as exc:
+        except (StoreUnavailable, LimiterUnavailable, ValueError) as exc:
             print(f"tokenmill serve: {exc}", file=sys.stderr)
             return 2
         if key is not None:  # the only time the key is shown
@@ -324,7 +359,7 @@ def serve_command(args) -> int:
     try:
         settings = ServerSettings(keys=keys, ledger=ledger,
                                   spool=spool if ledger and args.ledger_fail_open else None,
-                                  **_given(args, SERVER_OPTIONS))
+                                  limiter=limiter, **_given(args, SERVER_OPTIONS))
     except ValueError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2

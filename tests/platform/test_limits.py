@@ -1,5 +1,6 @@
-"""The in-process limiter: exact admissions, Retry-After and headers on a fake clock, atomicity
-under threads released at once, and a state machine of reserve / finish / abort / retry / time."""
+"""Both limiters, in-process and Redis (`new_limiter`, tests/platform/conftest.py): exact
+admissions, Retry-After and headers on a fake clock, atomicity under threads released at once,
+and a state machine of reserve / finish / abort / retry / time."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, multiple,
-                                 rule)
+                                 rule, run_state_machine_as_test)
 
-from tokenmill.platform.limits import (InProcessLimiter, KeyUsage, Limits, RateLimited,
-                                       format_duration)
+from tokenmill.platform.limits import KeyUsage, Limits, RateLimited, format_duration
 
 
 class FakeClock:
@@ -23,9 +23,15 @@ class FakeClock:
         return self.now
 
 
-def limiter_at(now: float = 1000.0) -> tuple[InProcessLimiter, FakeClock]:
-    clock = FakeClock(now)
-    return InProcessLimiter(clock), clock
+@pytest.fixture
+def limiter_at(new_limiter):
+    """limiter_at(now) -> (a fresh limiter of the backend under test, its fake clock at now)"""
+
+    def make(now: float = 1000.0):
+        clock = FakeClock(now)
+        return new_limiter(clock), clock
+
+    return make
 
 
 def simultaneous(n: int, call) -> list:
@@ -52,7 +58,8 @@ def refusals(results: list) -> list[RateLimited]:
     return [r for r in results if isinstance(r, RateLimited)]
 
 
-def test_of_12_simultaneous_requests_against_rpm_5_exactly_5_pass_and_7_get_retry_after_60():
+def test_of_12_simultaneous_requests_against_rpm_5_exactly_5_pass_and_7_get_retry_after_60(
+        limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=5, tpm=None, budget_pico=None)
     results = simultaneous(12, lambda: limiter.reserve(7, limits, 10, 0, 0))
@@ -70,7 +77,7 @@ def test_of_12_simultaneous_requests_against_rpm_5_exactly_5_pass_and_7_get_retr
                                         spent_pico=0)
 
 
-def test_of_12_simultaneous_requests_of_100_tokens_against_tpm_500_exactly_5_pass():
+def test_of_12_simultaneous_requests_of_100_tokens_against_tpm_500_exactly_5_pass(limiter_at):
     limiter, clock = limiter_at()
     limits = Limits(rpm=None, tpm=500, budget_pico=None)
     results = simultaneous(12, lambda: limiter.reserve(1, limits, 100, 0, 0))
@@ -93,7 +100,7 @@ def test_of_12_simultaneous_requests_of_100_tokens_against_tpm_500_exactly_5_pas
     assert refused_one.value.retry_after_s == 50
 
 
-def test_a_request_is_admitted_again_exactly_when_the_window_slides_past_the_last():
+def test_a_request_is_admitted_again_exactly_when_the_window_slides_past_the_last(limiter_at):
     limiter, clock = limiter_at(1000.0)
     limits = Limits(rpm=2, tpm=None, budget_pico=None)
     limiter.reserve(1, limits, 1, 0, 0)
@@ -114,7 +121,7 @@ def test_a_request_is_admitted_again_exactly_when_the_window_slides_past_the_las
     assert limiter.usage(1).requests == 2
 
 
-def test_keys_are_limited_apart():
+def test_keys_are_limited_apart(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=1, tpm=None, budget_pico=None)
     limiter.reserve(1, limits, 1, 0, 0)
@@ -123,7 +130,7 @@ def test_keys_are_limited_apart():
         limiter.reserve(1, limits, 1, 0, 0)
 
 
-def test_a_request_larger_than_tpm_is_refused_without_retry_after():
+def test_a_request_larger_than_tpm_is_refused_without_retry_after(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=100, budget_pico=None)
     with pytest.raises(RateLimited) as refused:
@@ -136,7 +143,7 @@ def test_a_request_larger_than_tpm_is_refused_without_retry_after():
     assert limiter.usage(1) == KeyUsage(0, 0, 0, 0, 0)
 
 
-def test_over_rpm_and_tpm_retry_after_is_the_later_of_the_two():
+def test_over_rpm_and_tpm_retry_after_is_the_later_of_the_two(limiter_at):
     limiter, clock = limiter_at(0.0)
     limits = Limits(rpm=2, tpm=100, budget_pico=None)
     limiter.reserve(1, limits, 60, 0, 0)
@@ -152,7 +159,7 @@ def test_over_rpm_and_tpm_retry_after_is_the_later_of_the_two():
         "tokens per min (TPM): Limit 100, Used 90, Requested 80. Please try again in 50s.")
 
 
-def test_a_tiny_budget_gives_one_success_then_insufficient_quota():
+def test_a_tiny_budget_gives_one_success_then_insufficient_quota(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=1_000)
     first = limiter.reserve(1, limits, 50, 4_000, 0)  # its reservation alone exceeds the budget
@@ -168,7 +175,7 @@ def test_a_tiny_budget_gives_one_success_then_insufficient_quota():
     assert limiter.usage(1) == KeyUsage(1, 20, 0, 0, 1_600)
 
 
-def test_budget_counts_reservations_in_flight_and_admits_while_below():
+def test_budget_counts_reservations_in_flight_and_admits_while_below(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=1_000)
     a = limiter.reserve(1, limits, 1, 600, 0)
@@ -182,14 +189,14 @@ def test_budget_counts_reservations_in_flight_and_admits_while_below():
     limiter.reserve(1, limits, 1, 0, 100)
 
 
-def test_a_budget_of_zero_admits_nothing():
+def test_a_budget_of_zero_admits_nothing(limiter_at):
     limiter, _ = limiter_at()
     with pytest.raises(RateLimited) as refused:
         limiter.reserve(1, Limits(None, None, 0), 1, 0, 0)
     assert refused.value.code == "insufficient_quota"
 
 
-def test_concurrent_requests_overshoot_a_budget_by_less_than_one_reservation():
+def test_concurrent_requests_overshoot_a_budget_by_less_than_one_reservation(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=250)
     results = simultaneous(12, lambda: limiter.reserve(1, limits, 10, 100, 0))
@@ -201,7 +208,7 @@ def test_concurrent_requests_overshoot_a_budget_by_less_than_one_reservation():
     assert limiter.usage(1).spent_pico == 300  # 250 + 50: under one reservation (100) over
 
 
-def test_a_stale_ledger_read_cannot_hide_a_cost_finished_since():
+def test_a_stale_ledger_read_cannot_hide_a_cost_finished_since(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=1_000)
     a = limiter.reserve(1, limits, 1, 900, 0)
@@ -215,7 +222,7 @@ def test_a_stale_ledger_read_cannot_hide_a_cost_finished_since():
     assert limiter.usage(1).spent_pico == 960
 
 
-def test_a_ledger_read_holding_an_unfinished_requests_cost_does_not_count_it_twice():
+def test_a_ledger_read_holding_an_unfinished_requests_cost_does_not_count_it_twice(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=1_000)
     a = limiter.reserve(1, limits, 1, 500, 0)
@@ -227,7 +234,7 @@ def test_a_ledger_read_holding_an_unfinished_requests_cost_does_not_count_it_twi
     limiter.reserve(1, limits, 1, 100, 500)
 
 
-def test_an_idle_key_takes_spend_others_recorded_from_the_ledger():
+def test_an_idle_key_takes_spend_others_recorded_from_the_ledger(limiter_at):
     limiter, _ = limiter_at()
     limits = Limits(rpm=None, tpm=None, budget_pico=1_000)
     limiter.finish(limiter.reserve(1, limits, 1, 10, 0), 1, 10)
@@ -236,7 +243,7 @@ def test_an_idle_key_takes_spend_others_recorded_from_the_ledger():
     assert limiter.usage(1).spent_pico == 10  # a refusal changes nothing
 
 
-def test_finish_is_idempotent():
+def test_finish_is_idempotent(limiter_at):
     limiter, clock = limiter_at()
     limits = Limits(rpm=3, tpm=100, budget_pico=1_000)
     r = limiter.reserve(1, limits, 40, 500, 0)
@@ -248,7 +255,7 @@ def test_finish_is_idempotent():
     assert limiter.usage(1) == once == KeyUsage(1, 25, 0, 0, 300)
 
 
-def test_finish_after_the_window_passed_releases_only_the_budget():
+def test_finish_after_the_window_passed_releases_only_the_budget(limiter_at):
     limiter, clock = limiter_at()
     limits = Limits(rpm=1, tpm=100, budget_pico=1_000)
     r = limiter.reserve(1, limits, 100, 500, 0)
@@ -259,7 +266,7 @@ def test_finish_after_the_window_passed_releases_only_the_budget():
     limiter.check_integrity()
 
 
-def test_headers_exact_values_and_formats():
+def test_headers_exact_values_and_formats(limiter_at):
     limiter, clock = limiter_at(0.0)
     limits = Limits(rpm=10, tpm=1000, budget_pico=None)
     assert limiter.headers(1, limits) == {
@@ -297,7 +304,7 @@ def test_limits_reject_values_that_are_no_limit(limits):
         Limits(**limits)
 
 
-def test_negative_counts_are_refused():
+def test_negative_counts_are_refused(limiter_at):
     limiter, _ = limiter_at()
     with pytest.raises(ValueError):
         limiter.reserve(1, Limits(None, None, None), -1, 0, 0)
@@ -314,11 +321,15 @@ class LimiterMachine(RuleBasedStateMachine):
 
     reservations = Bundle("reservations")
 
+    def __init__(self, new_limiter) -> None:
+        super().__init__()
+        self.new_limiter = new_limiter
+
     @initialize(rpm=st.none() | st.integers(1, 4), tpm=st.none() | st.integers(1, 400),
                 budget=st.none() | st.integers(0, 2_000))
     def setup(self, rpm, tpm, budget):
         self.clock = FakeClock(0.0)
-        self.limiter = InProcessLimiter(self.clock)
+        self.limiter = self.new_limiter(self.clock)
         self.limits = Limits(rpm, tpm, budget)
         self.admitted: dict[int, list] = {}  # id -> [ts, tokens counted]
         self.unfinished: dict[int, int] = {}  # id -> reserved cost
@@ -420,5 +431,7 @@ class LimiterMachine(RuleBasedStateMachine):
         assert self.spent + sum(self.unfinished.values()) < self.limits.budget_pico + largest
 
 
-TestLimiterMachine = LimiterMachine.TestCase
-TestLimiterMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+def test_the_machine_predicts_every_admission_and_keeps_the_invariants(new_limiter):
+    run_state_machine_as_test(lambda: LimiterMachine(new_limiter),
+                              settings=settings(max_examples=150, stateful_step_count=40,
+                                                deadline=None))

@@ -2,7 +2,7 @@
 machine drives the server's own `Metering` (reserve, bill, release_unbilled) through sequences of
 admissions, completions, aborts, errors, retried bills, unused reservations given back, rows that
 another replica writes, a reservation racing another request's bill, and clock steps, over
-several keys, on SQLite and PostgreSQL.
+several keys, on SQLite and PostgreSQL, with either limiter (in-process, or Redis).
 
 Claimed after every step, against a model of what was admitted and billed:
 - each billed response id has exactly one ledger row, holding its first bill's counts and cost: a
@@ -19,10 +19,10 @@ Claimed after every step, against a model of what was admitted and billed:
 - admission is predicted exactly (a 429 `insufficient_quota` or `rate_limit_exceeded`), and a
   refusal changes nothing;
 - what a key spends through this server stays below its budget plus its largest reservation;
-- `InProcessLimiter.check_integrity` holds.
+- the limiter's `check_integrity` holds.
 
-Real: `Metering`, `Ledger` over the `store` fixture's database, `InProcessLimiter` (on a fake
-clock, put in `ServerState.limiter`), keys and principals from `KeyService`, `Job`,
+Real: `Metering`, `Ledger` over the `store` fixture's database, the limiter (on a fake clock,
+injected through `ServerSettings`), keys and principals from `KeyService`, `Job`,
 `SamplingParams`, `ServedModel` with a catalog `Price`, `UsageTally` fed `RequestOutput`s, and
 starlette's `State`. Stand-ins: the engine (only needed to build a `ServedModel`; nothing calls
 it) and the request, an object whose `.state` is all `Metering` reads. The ledger is a `Ledger`
@@ -52,7 +52,7 @@ from tokenmill.catalog.pricing import Price
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.platform.keys import KeyService, Principal
 from tokenmill.platform.ledger import MAX_PAGE, STATUSES, Ledger, UsageEntry, UsageTotals
-from tokenmill.platform.limits import WINDOW_S, InProcessLimiter, KeyUsage, Limits
+from tokenmill.platform.limits import WINDOW_S, KeyUsage, Limits
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError
 from tokenmill.server.metering import Metering
@@ -220,15 +220,14 @@ class MeteringMachine(RuleBasedStateMachine):
     requests = Bundle("requests")  # admitted, neither billed nor given back
     billed = Bundle("billed")
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, new_limiter) -> None:
         super().__init__()
         self.ledger = HookedLedger(store)
         self.keys = KeyService(store)
         self.clock = FakeClock(0.0)
-        server_settings = ServerSettings(keys=self.keys, ledger=self.ledger)
+        self.limiter = new_limiter(self.clock)
+        server_settings = ServerSettings(keys=self.keys, ledger=self.ledger, limiter=self.limiter)
         self.server = ServerState(server_settings)
-        self.server.limiter = InProcessLimiter(self.clock)
-        self.limiter = self.server.limiter
         self.metering = Metering(server_settings, self.server)
         self.loop = asyncio.new_event_loop()
         self.run_id = uuid.uuid4().hex[:12]
@@ -595,5 +594,7 @@ class MeteringMachine(RuleBasedStateMachine):
 MACHINE_SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None)
 
 
-def test_reserve_bill_abort_retry_and_release_keep_rows_spend_and_reservations_consistent(store):
-    run_state_machine_as_test(lambda: MeteringMachine(store), settings=MACHINE_SETTINGS)
+def test_reserve_bill_abort_retry_and_release_keep_rows_spend_and_reservations_consistent(
+        store, new_limiter):
+    run_state_machine_as_test(lambda: MeteringMachine(store, new_limiter),
+                              settings=MACHINE_SETTINGS)

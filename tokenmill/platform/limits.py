@@ -3,8 +3,8 @@
 Stage: between auth (key -> principal and its `Limits`) and the engine. The server calls
 `reserve` before queueing a request (429 on `RateLimited`), `finish` once its usage record is in
 the ledger (completed, aborted or failed alike), and `headers` for every response. `Limiter` is the
-seam: `InProcessLimiter` serves one server process; several processes need a shared backend
-(Redis) behind the same three methods.
+seam: `InProcessLimiter` serves one server process; `RedisLimiter` (redis_limits.py) shares the
+same rules between several processes, deciding in Redis with the helpers below for its messages.
 
 Windows: sliding 60 s logs, not token buckets. Each admitted request is remembered, with its token
 count, until 60 s after its admission, and admission looks at exactly the requests admitted in the
@@ -67,7 +67,7 @@ class Limits:
 class Reservation:
     """What admission took; hand it back to `finish` (again is harmless)."""
 
-    id: int  # unique per limiter: what makes `finish` idempotent
+    id: int  # unique among its key's reservations: what makes `finish` idempotent
     key_id: int  # the key it counts against
     tokens: int  # reserved against tpm: prompt + max_tokens
     cost_pico: int  # reserved against the budget: the most the request can cost
@@ -99,8 +99,13 @@ class RateLimited(Exception):
             self.headers = {**headers, "retry-after": str(retry_after_s)}
 
 
+class LimiterUnavailable(RuntimeError):
+    """Where the limiter keeps its counts cannot be reached (Redis down); the server answers 503.
+    The message is one line and holds no password."""
+
+
 class Limiter(ABC):
-    """The seam between the server and where limits are kept (this process now, Redis later)."""
+    """The seam between the server and where limits are kept (this process, or Redis)."""
 
     @abstractmethod
     def reserve(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
@@ -119,18 +124,29 @@ class Limiter(ABC):
     def headers(self, key_id: int, limits: Limits) -> dict[str, str]:
         """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for the limits set."""
 
+    @abstractmethod
+    def usage(self, key_id: int) -> KeyUsage:
+        """What the key holds now (for invariants and admin views)."""
+
 
 @dataclass(slots=True)
-class _Admitted:
+class Admitted:
     ts: float  # admission time on the limiter's clock
     tokens: int  # reserved; the true count once finished
 
 
 @dataclass
+class Window:
+    """A key's requests admitted less than 60 s ago: what rpm and tpm look at."""
+
+    entries: deque[Admitted] = field(default_factory=deque)  # oldest first
+    tokens: int = 0  # sum of the entries' tokens
+
+
+@dataclass
 class _KeyState:
-    window: deque[_Admitted] = field(default_factory=deque)  # admitted < 60 s ago, oldest first
-    window_tokens: int = 0  # sum of the window's tokens
-    open: dict[int, tuple[Reservation, _Admitted]] = field(default_factory=dict)  # unfinished
+    window: Window = field(default_factory=Window)
+    open: dict[int, tuple[Reservation, Admitted]] = field(default_factory=dict)  # unfinished
     reserved_pico: int = 0  # sum of cost_pico over `open`
     spent_pico: int = 0  # spend known: ledger figure taken while idle + true costs finished since
 
@@ -139,7 +155,7 @@ class InProcessLimiter(Limiter):
     """Limits for one process: per-key sliding windows and reservations under one lock.
 
     Invariants (`check_integrity`): each window is in admission order and holds only requests
-    admitted less than 60 s ago; window_tokens is the sum of its tokens; reserved_pico is the sum
+    admitted less than 60 s ago; its `tokens` is the sum of its entries'; reserved_pico is the sum
     of the unfinished reservations' costs; no count is negative. One small state is kept per key
     ever seen (keys are few; forgetting one would forget spend the ledger may not show yet)."""
 
@@ -151,30 +167,24 @@ class InProcessLimiter(Limiter):
 
     def reserve(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
                 spent_pico: int) -> Reservation:
-        _check_counts(tokens=tokens, cost_pico=cost_pico, spent_pico=spent_pico)
+        check_counts(tokens=tokens, cost_pico=cost_pico, spent_pico=spent_pico)
         with self._lock:
             now = self._clock()
             state = self._state(key_id, now)
             spent = state.spent_pico if state.open else max(state.spent_pico, spent_pico)
-            budget = limits.budget_pico
-            if budget is not None and spent + state.reserved_pico >= budget:
-                raise RateLimited(
-                    "insufficient_quota",
-                    f"You exceeded your current quota: this key's budget is USD {_usd(budget)} "
-                    f"and it has spent USD {_usd(spent)} with USD {_usd(state.reserved_pico)} "
-                    "reserved by requests in flight.", None, _headers(state, limits, now))
-            _check_rate(state, limits, tokens, now)
-            entry = _Admitted(now, tokens)
+            check_budget(state.window, limits, spent, state.reserved_pico, now)
+            check_rate(state.window, limits, tokens, now)
+            entry = Admitted(now, tokens)
             reservation = Reservation(next(self._ids), key_id, tokens, cost_pico, now)
-            state.window.append(entry)
-            state.window_tokens += tokens
+            state.window.entries.append(entry)
+            state.window.tokens += tokens
             state.open[reservation.id] = (reservation, entry)
             state.reserved_pico += cost_pico
             state.spent_pico = spent
             return reservation
 
     def finish(self, reservation: Reservation, tokens: int, cost_pico: int) -> None:
-        _check_counts(tokens=tokens, cost_pico=cost_pico)
+        check_counts(tokens=tokens, cost_pico=cost_pico)
         with self._lock:
             now = self._clock()
             state = self._state(reservation.key_id, now)
@@ -183,7 +193,7 @@ class InProcessLimiter(Limiter):
                 return  # finished before: nothing to hand back twice
             taken, entry = held
             if now - entry.ts < WINDOW_S:  # still in the window: it counts what it used
-                state.window_tokens += tokens - entry.tokens
+                state.window.tokens += tokens - entry.tokens
                 entry.tokens = tokens
             state.reserved_pico -= taken.cost_pico
             state.spent_pico += cost_pico
@@ -191,61 +201,76 @@ class InProcessLimiter(Limiter):
     def headers(self, key_id: int, limits: Limits) -> dict[str, str]:
         with self._lock:
             now = self._clock()
-            return _headers(self._state(key_id, now), limits, now)
+            return window_headers(self._state(key_id, now).window, limits, now)
 
     def usage(self, key_id: int) -> KeyUsage:
-        """What the key holds now (for invariants and admin views)."""
         with self._lock:
             state = self._state(key_id, self._clock())
-            return KeyUsage(len(state.window), state.window_tokens, len(state.open),
+            return KeyUsage(len(state.window.entries), state.window.tokens, len(state.open),
                             state.reserved_pico, state.spent_pico)
 
     def check_integrity(self) -> None:
         with self._lock:
             now = self._clock()
             for state in self._keys.values():
-                _prune(state, now)
-                times = [entry.ts for entry in state.window]
+                _prune(state.window, now)
+                entries = state.window.entries
+                times = [entry.ts for entry in entries]
                 assert times == sorted(times) and all(now - ts < WINDOW_S for ts in times)
-                assert state.window_tokens == sum(entry.tokens for entry in state.window)
-                assert all(entry.tokens >= 0 for entry in state.window)
+                assert state.window.tokens == sum(entry.tokens for entry in entries)
+                assert all(entry.tokens >= 0 for entry in entries)
                 assert state.reserved_pico == sum(r.cost_pico for r, _ in state.open.values())
                 assert state.reserved_pico >= 0 and state.spent_pico >= 0
 
     def _state(self, key_id: int, now: float) -> _KeyState:
         state = self._keys.setdefault(key_id, _KeyState())
-        _prune(state, now)
+        _prune(state.window, now)
         return state
 
 
-def _prune(state: _KeyState, now: float) -> None:
+def _prune(window: Window, now: float) -> None:
     """Drop the requests admitted 60 s ago or more (the window is (now - 60 s, now])."""
-    while state.window and now - state.window[0].ts >= WINDOW_S:
-        state.window_tokens -= state.window.popleft().tokens
+    while window.entries and now - window.entries[0].ts >= WINDOW_S:
+        window.tokens -= window.entries.popleft().tokens
 
 
-def _check_rate(state: _KeyState, limits: Limits, tokens: int, now: float) -> None:
+# The rules' messages and headers, shared by every backend: each checks its own state (under its
+# lock, or in its Redis script) and builds what the client sees with these.
+
+def check_budget(window: Window, limits: Limits, spent: int, reserved: int, now: float) -> None:
+    """Raise `RateLimited` (insufficient_quota) unless spent + reserved is below the budget."""
+    budget = limits.budget_pico
+    if budget is not None and spent + reserved >= budget:
+        raise RateLimited(
+            "insufficient_quota",
+            f"You exceeded your current quota: this key's budget is USD {_usd(budget)} and it "
+            f"has spent USD {_usd(spent)} with USD {_usd(reserved)} reserved by requests in "
+            "flight.", None, window_headers(window, limits, now))
+
+
+def check_rate(window: Window, limits: Limits, tokens: int, now: float) -> None:
     """Raise `RateLimited` unless one more request of `tokens` fits rpm and tpm now."""
+    entries = window.entries
     waits, reasons = [], []
-    if limits.rpm is not None and len(state.window) >= limits.rpm:
+    if limits.rpm is not None and len(entries) >= limits.rpm:
         # the request that must leave the window for one more to fit
-        waits.append(state.window[len(state.window) - limits.rpm].ts + WINDOW_S - now)
-        reasons.append(f"requests per min (RPM): Limit {limits.rpm}, Used {len(state.window)}, "
+        waits.append(entries[len(entries) - limits.rpm].ts + WINDOW_S - now)
+        reasons.append(f"requests per min (RPM): Limit {limits.rpm}, Used {len(entries)}, "
                        "Requested 1")
     if limits.tpm is not None and tokens > limits.tpm:
         raise RateLimited(
             "rate_limit_exceeded",
             f"Request too large for tokens per min (TPM): Limit {limits.tpm}, Requested {tokens}. "
             "Send fewer prompt tokens or a smaller max_tokens.", None,
-            _headers(state, limits, now))
-    if limits.tpm is not None and state.window_tokens + tokens > limits.tpm:
-        excess = state.window_tokens + tokens - limits.tpm
-        for entry in state.window:  # the oldest requests whose leaving frees `excess` tokens
+            window_headers(window, limits, now))
+    if limits.tpm is not None and window.tokens + tokens > limits.tpm:
+        excess = window.tokens + tokens - limits.tpm
+        for entry in entries:  # the oldest requests whose leaving frees `excess` tokens
             excess -= entry.tokens
             if excess <= 0:
                 waits.append(entry.ts + WINDOW_S - now)
                 break
-        reasons.append(f"tokens per min (TPM): Limit {limits.tpm}, Used {state.window_tokens}, "
+        reasons.append(f"tokens per min (TPM): Limit {limits.tpm}, Used {window.tokens}, "
                        f"Requested {tokens}")
     if waits:
         wait = max(waits)
@@ -253,22 +278,32 @@ def _check_rate(state: _KeyState, limits: Limits, tokens: int, now: float) -> No
             "rate_limit_exceeded",
             f"Rate limit reached for {' and '.join(reasons)}. "
             f"Please try again in {format_duration(wait)}.",
-            max(1, math.ceil(wait - 1e-9)), _headers(state, limits, now))
+            max(1, math.ceil(wait - 1e-9)), window_headers(window, limits, now))
 
 
-def _headers(state: _KeyState, limits: Limits, now: float) -> dict[str, str]:
-    """Reset: when the window is back to its full limit (the last request counting leaves it)."""
+def window_headers(window: Window, limits: Limits, now: float) -> dict[str, str]:
+    """`rate_headers` of a whole window."""
+    entries = window.entries
+    newest = entries[-1].ts if entries else None
+    counting = next((entry.ts for entry in reversed(entries) if entry.tokens), None)
+    return rate_headers(limits, now, len(entries), window.tokens, newest, counting)
+
+
+def rate_headers(limits: Limits, now: float, requests: int, tokens: int, newest: float | None,
+                 newest_counting: float | None) -> dict[str, str]:
+    """The headers of a window holding `requests` requests and `tokens` tokens, the newest
+    admitted at `newest` and the newest holding tokens at `newest_counting` (None: no such
+    request). Reset: when the window is back to its full limit (that request leaves it)."""
     headers = {}
     if limits.rpm is not None:
-        last = state.window[-1].ts + WINDOW_S - now if state.window else 0.0
+        last = newest + WINDOW_S - now if newest is not None else 0.0
         headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - len(state.window)))
+        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - requests))
         headers["x-ratelimit-reset-requests"] = format_duration(last)
     if limits.tpm is not None:
-        counting = [entry.ts for entry in state.window if entry.tokens]
-        last = counting[-1] + WINDOW_S - now if counting else 0.0
+        last = newest_counting + WINDOW_S - now if newest_counting is not None else 0.0
         headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - state.window_tokens))
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - tokens))
         headers["x-ratelimit-reset-tokens"] = format_duration(last)
     return headers
 
@@ -290,7 +325,7 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def _check_counts(**counts: int) -> None:
+def check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if type(value) is not int or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, not {value!r}")

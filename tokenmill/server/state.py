@@ -1,18 +1,27 @@
 """Server settings (resolved once by the CLI) and the little mutable state the routes share:
-the draining flag and what the generation requests in flight hold (admission control).
+the draining flag, what the generation requests in flight hold (admission control) and the
+limiter as the routes call it.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
-from tokenmill.platform.limits import InProcessLimiter, Limiter
+from tokenmill.platform.limits import (InProcessLimiter, KeyUsage, Limiter, LimiterUnavailable,
+                                       Limits, Reservation)
 from tokenmill.platform.spool import UsageSpool
-from tokenmill.server.errors import rate_limited, unavailable
+from tokenmill.server.errors import APIError, rate_limited, unavailable
 from tokenmill.server.store_outage import StoreOutage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,8 @@ class ServerSettings:
     keys: KeyService | None  # the platform's keys; None: auth disabled (--no-auth)
     ledger: Ledger | None = None  # one usage record per request made with a key
     spool: UsageSpool | None = None  # --ledger-fail-open: records wait here while the store is down
+    # keys' rpm, tpm and budgets: this process's own, or a RedisLimiter the replicas share (--redis)
+    limiter: Limiter = field(default_factory=InProcessLimiter)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
     max_body_bytes: int = 4 << 20  # larger request bodies get a 413
     request_timeout_s: float = 600.0  # deadline of one generation request, from its arrival
@@ -63,7 +74,7 @@ class ServerState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.draining = False  # set on SIGTERM: new generation requests get a 503
-        self.limiter: Limiter = InProcessLimiter()  # this process's rpm, tpm and budgets
+        self.limiter: Limiter = GuardedLimiter(settings.limiter)
         self.outage = StoreOutage(settings.spool)  # the store-down policy, logged once an outage
         self.in_flight = 0  # admitted generation requests not yet finished
         self.held = Demand(0, 0)  # what they hold together
@@ -127,3 +138,67 @@ class Ticket:
         if self._state is not None:
             self._state._hold(self._key_id, self._demand, -1)
             self._state = None
+
+
+class GuardedLimiter(Limiter):
+    """The limiter as the routes call it. While its backend is unreachable (Redis down:
+    `LimiterUnavailable`) a request that needs admission gets a 503 `limiter_unavailable`, never
+    a 500; a reservation that cannot be handed back stays held until the backend releases it as
+    lost (the request is over and billed: its client must not see an error for it); responses
+    go without x-ratelimit-* headers. The log says so once when an outage begins and once when
+    it ends, not per request."""
+
+    def __init__(self, backend: Limiter):
+        self.backend = backend
+        self._down = False
+        self._lock = threading.Lock()  # called on the loop and worker threads alike
+
+    def reserve(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
+                spent_pico: int) -> Reservation:
+        try:
+            return self._call(self.backend.reserve, key_id, limits, tokens, cost_pico,
+                              spent_pico)
+        except LimiterUnavailable:
+            raise _refusal() from None
+
+    def finish(self, reservation: Reservation, tokens: int, cost_pico: int) -> None:
+        try:
+            self._call(self.backend.finish, reservation, tokens, cost_pico)
+        except LimiterUnavailable:
+            pass  # held until the backend releases it as lost
+
+    def headers(self, key_id: int, limits: Limits) -> dict[str, str]:
+        try:
+            return self._call(self.backend.headers, key_id, limits)
+        except LimiterUnavailable:
+            return {}
+
+    def usage(self, key_id: int) -> KeyUsage:
+        try:
+            return self._call(self.backend.usage, key_id)
+        except LimiterUnavailable:
+            raise _refusal() from None
+
+    def _call(self, method: Callable[..., T], *args) -> T:
+        """`method(*args)`, noting when the backend goes down and when it is back."""
+        try:
+            result = method(*args)
+        except LimiterUnavailable as exc:
+            self._note(down=True, cause=exc)
+            raise
+        self._note(down=False)
+        return result
+
+    def _note(self, down: bool, cause: Exception | None = None) -> None:
+        with self._lock:
+            if down == self._down:
+                return
+            self._down = down
+        if down:
+            log.error("the rate limiter is unreachable, refusing requests: %s", cause)
+        else:
+            log.info("the rate limiter is reachable again")
+
+
+def _refusal() -> APIError:
+    return unavailable("The rate limiter is unavailable; retry shortly.", "limiter_unavailable")

@@ -1,0 +1,88 @@
+"""Two ingress replicas (two real `tokenmill serve` processes) over one PostgreSQL ledger and one
+Redis (`--redis`): a key's limits hold across them exactly as in one process, and the ledger has
+one row per delivered response whichever replica served it.
+
+Kept cheap for a 2-core CPU: the default model, one token per request.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import threading
+from collections import Counter
+
+import httpx
+import pytest
+
+from server_live import MODEL_ID, start_server, stop_server, tokenmill_command
+
+
+@pytest.fixture(scope="module")
+def replicas(default_model_path, tmp_path_factory, new_pg_database):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    db = new_pg_database()
+    prefix = f"tokenmill-test:{secrets.token_hex(6)}:"  # nothing from an earlier run
+    shared = ["--model", str(default_model_path), "--max-model-len", "512", "--kv-cache-gib",
+              "0.25", "--db", db, "--redis", "redis://127.0.0.1:6379/0", "--redis-prefix", prefix]
+    servers = [start_server(tmp_path_factory.mktemp(f"replica{i}"), shared) for i in range(2)]
+    yield db, servers
+    for server in servers:
+        stop_server(server)
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    names = list(client.scan_iter(match=f"{prefix}*"))
+    if names:
+        client.delete(*names)
+    client.close()
+
+
+def new_key(db: str, home, name: str, *options: str) -> str:
+    done = subprocess.run(tokenmill_command() + ["keys", "create", "--name", name, *options,
+                                                 "--db", db],
+                          env={"TOKENMILL_HOME": str(home), "PATH": "/usr/bin:/bin"},
+                          check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout.splitlines()[-1]
+
+
+def chat(server, key: str) -> httpx.Response:
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1, "temperature": 0}
+    return httpx.post(server.v1 + "/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def test_rpm_5_across_two_replicas_admits_exactly_5_of_12_simultaneous_requests(replicas):
+    db, servers = replicas
+    key = new_key(db, servers[0].home, "rpm5-shared", "--rpm", "5")
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(12)
+
+    def one(i: int) -> None:
+        start.wait()
+        answers.append(chat(servers[i % 2], key))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    # 6 requests each: limits kept per process would admit 5 on each replica, 10 in all.
+    assert Counter(r.status_code for r in answers) == {200: 5, 429: 7}
+    for r in answers:
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(r.headers["retry-after"]) >= 1
+    # One ledger row per delivered response, seen alike from either replica.
+    for server in servers:
+        rows = httpx.get(server.v1 + "/usage", headers={"Authorization": f"Bearer {key}"},
+                         params={"limit": 100}, timeout=30).json()["data"]
+        assert len(rows) == 5
+
