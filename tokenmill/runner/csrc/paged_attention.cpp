@@ -8,9 +8,11 @@
 //   block_tables [B, W] int32: row b's position p lives in block block_tables[b][p / S]
 //   starts, lens [B] int32: row b attends to positions [starts[b], lens[b]), starts < lens
 //   out          [B, Hq, D]   q's dtype, written in place
-// Each (row, kv head) is one task: its Hq / Hkv query heads share every key and value row read
-// (grouped-query attention), and a running max and sum (online softmax, as flash attention)
-// keep one block's scores at a time. Arithmetic in float32.
+// Each row is one task (or a few, when rows are fewer than threads): it reads each of its slots
+// once, whole (every kv head's row, contiguous; reading a head's row per task instead read every
+// cache line three times and was 1.6-2x slower once the cache outgrew L3), each kv head's row
+// serving its Hq / Hkv query heads (grouped-query attention); a running max and sum (online
+// softmax, as flash attention) keep one block's scores at a time. Arithmetic in float32.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,12 +24,10 @@
 
 namespace {
 
-// q . k over n elements, k converted to float as it is read.
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
+inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -42,54 +42,77 @@ void decode_rows(const Q* q, const T* k_cache, const T* v_cache, const int32_t* 
                  const int32_t* starts, const int32_t* lens, Q* out, int64_t B, int64_t Hq,
                  int64_t Hkv, int64_t D, int64_t S, int64_t W, float scale) {
   const int64_t G = Hq / Hkv;  // query heads per kv head
-  const int64_t slot_stride = Hkv * D;  // elements between consecutive slots of one block
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), row(D), scores(G * S), m(G), l(G);
+  const int64_t slot_size = Hkv * D;  // one slot: every kv head's row, contiguous
+  // Fewer rows than threads: each row's blocks are split into `parts` ranges attended apart
+  // and merged at the end (flash-decoding), so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = B >= threads ? 1 : (2 * threads + B - 1) / B;
+  std::vector<float> part_acc(B * parts * Hq * D), part_m(B * parts * Hq), part_l(B * parts * Hq);
+  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Hq * D), slot(slot_size), scores(Hq * S);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
-      for (int64_t g = 0; g < G; ++g) {
-        to_float(q + (b * Hq + h * G + g) * D, &qf[g * D], D);
-        for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= scale;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
+      const int64_t b = task / parts, part = task % parts;
+      float* acc = &part_acc[task * Hq * D];
+      float* m = &part_m[task * Hq];
+      float* l = &part_l[task * Hq];
+      std::fill(acc, acc + Hq * D, 0.f);
+      std::fill(m, m + Hq, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + Hq, 0.f);
+      to_float(q + b * Hq * D, qf.data(), Hq * D);
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] *= scale;
       const int32_t* table = tables + b * W;
       const int64_t first = starts[b], last = lens[b];  // keys [first, last)
-      for (int64_t blk = first / S; blk * S < last; ++blk) {
+      const int64_t blk0 = first / S, blocks = (last - 1) / S + 1 - blk0;
+      const int64_t end_blk = blk0 + blocks * (part + 1) / parts;
+      for (int64_t blk = blk0 + blocks * part / parts; blk < end_blk; ++blk) {
         const int64_t t0 = std::max(first, blk * S), t1 = std::min(last, (blk + 1) * S);
-        const int64_t base = int64_t(table[blk]) * S * slot_stride + h * D;
-        for (int64_t t = t0; t < t1; ++t) {  // scores [G, n] of this block's keys
-          const T* k = k_cache + base + (t % S) * slot_stride;
-          for (int64_t g = 0; g < G; ++g) scores[g * S + t - t0] = dot(&qf[g * D], k, D);
+        const int64_t base = int64_t(table[blk]) * S * slot_size;
+        for (int64_t t = t0; t < t1; ++t) {  // scores [Hq, n]: each slot read and converted once
+          to_float(k_cache + base + (t % S) * slot_size, slot.data(), slot_size);
+          for (int64_t j = 0; j < Hq; ++j)
+            scores[j * S + t - t0] = dot(&qf[j * D], &slot[(j / G) * D], D);
         }
-        for (int64_t g = 0; g < G; ++g) {  // rescale what came before to the new max
-          float* s = &scores[g * S];
-          const float block_max = *std::max_element(s, s + (t1 - t0));
-          const float new_max = std::max(m[g], block_max);
-          const float correction = std::exp(m[g] - new_max);  // exp(-inf) = 0 on the first block
-          l[g] *= correction;
-          for (int64_t i = 0; i < D; ++i) acc[g * D + i] *= correction;
+        for (int64_t j = 0; j < Hq; ++j) {  // rescale what came before to the new max
+          float* s = &scores[j * S];
+          const float new_max = std::max(m[j], *std::max_element(s, s + (t1 - t0)));
+          const float correction = std::exp(m[j] - new_max);  // exp(-inf) = 0 on the first block
+          l[j] *= correction;
+          for (int64_t i = 0; i < D; ++i) acc[j * D + i] *= correction;
           for (int64_t t = 0; t < t1 - t0; ++t) {
             s[t] = std::exp(s[t] - new_max);
-            l[g] += s[t];
+            l[j] += s[t];
           }
-          m[g] = new_max;
+          m[j] = new_max;
         }
         for (int64_t t = t0; t < t1; ++t) {  // weighted values
-          to_float(v_cache + base + (t % S) * slot_stride, row.data(), D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * S + t - t0];
-            float* a = &acc[g * D];
+          to_float(v_cache + base + (t % S) * slot_size, slot.data(), slot_size);
+          for (int64_t j = 0; j < Hq; ++j) {
+            const float p = scores[j * S + t - t0];
+            const float* v = &slot[(j / G) * D];
+            float* a = &acc[j * D];
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) a[i] += p * row[i];
+            for (int64_t i = 0; i < D; ++i) a[i] += p * v[i];
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        Q* o = out + (b * Hq + h * G + g) * D;
-        const float inv = 1.f / l[g];
-        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<Q>(acc[g * D + i] * inv);
+    }
+  });
+  // Merge each row's parts: weights exp(m_part - max), an empty part (m = -inf) weighing 0.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < Hq; ++j) {
+        float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t part = 0; part < parts; ++part) max = std::max(max, part_m[(b * parts + part) * Hq + j]);
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t at = (b * parts + part) * Hq + j;
+          const float w = std::exp(part_m[at] - max);
+          sum += part_l[at] * w;
+          for (int64_t i = 0; i < D; ++i) o[i] += part_acc[at * D + i] * w;
+        }
+        Q* dst = out + (b * Hq + j) * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<Q>(o[i] / sum);
       }
     }
   });
