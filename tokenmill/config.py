@@ -171,6 +171,10 @@ class EngineConfig:
     # CPU float32 linears: auto | none | bf16 | int8 | int4 (runner/linear_plan.py). none, the
     # library's default, keeps the float32 reference; `tokenmill serve` defaults to auto.
     quantization: str = "none"
+    # K ranks (processes on this node) sharing each layer's heads and hidden units, rank 0 this
+    # engine (tokenmill/distributed); 1: one process, nothing of torch.distributed started.
+    # kv_cache_gib is then the memory of all ranks' caches together (each holds 1/K of it).
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)  # filled by resolve()
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # filled by resolve()
 

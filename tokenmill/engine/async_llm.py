@@ -206,6 +206,8 @@ class AsyncLLM:
         except BaseException as exc:  # a bug or resource failure: fail every stream, loudly
             log.exception("the engine is dead; failing %d in-flight requests", len(self._streams))
             self._close(f"the engine stopped: {exc}", exc)
+        finally:
+            self.engine.shutdown()  # its tensor-parallel workers, if any
 
     def _serve(self) -> None:
         """Step until shutdown; raises once the engine must be declared dead."""

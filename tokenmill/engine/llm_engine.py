@@ -14,7 +14,9 @@ at positions >= each scheduled request's num_computed_tokens, i.e. into blocks t
 alone holds and that are not in the prefix cache yet (a prefix hit and a sibling's shared prompt
 blocks are full, computed blocks before those positions); and a block is hashed only once the
 forward that filled it has finished. So the failed requests' blocks go back to the free queue
-holding nothing anyone reads, and the other requests' state is untouched.
+holding nothing anyone reads, and the other requests' state is untouched. Under tensor
+parallelism a failed step is not recovered but raised (`step`): the workers' forward may have
+stopped at another all-reduce than rank 0's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineConfig, resolve_device, resolve_dtype
+from tokenmill.distributed.parallel_linear import shard_config
+from tokenmill.distributed.worker import TensorParallelWorkers, WorkerSpec, load_rank
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import FINISH_REASONS, Request, RequestStatus, choice_id
@@ -44,6 +48,22 @@ class PromptError(ValueError):
     """The prompt itself is unusable (empty, unknown token ids, or too long for the context)."""
 
 
+def check_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int,
+                 max_model_len: int) -> None:
+    """Raise PromptError unless this prompt fits a model of `vocab_size` tokens and a context of
+    `max_model_len` (what a remote engine's front checks too, before the request leaves)."""
+    if not prompt_token_ids:
+        raise PromptError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise PromptError(f"prompt token ids must be in [0, {vocab_size})")
+    budget = len(prompt_token_ids) + (params.max_tokens or 1)
+    if budget > max_model_len:
+        raise PromptError(
+            f"this model's maximum context length is {max_model_len} tokens; the "
+            f"prompt has {len(prompt_token_ids)} and {params.max_tokens or 1} more were asked"
+        )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int  # requests holding KV blocks and scheduled every step
@@ -53,10 +73,20 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        """`loaded` reuses weights already in memory (read-only, so engines may share them)."""
+        """`loaded` reuses weights already in memory (read-only, so engines may share them).
+        With `tensor_parallel_size` K > 1 the engine is rank 0: it starts ranks 1..K-1
+        (distributed/worker.py), each loading its own shard, and `shutdown` stops them."""
         device = resolve_device(config.device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        tp_size = config.tensor_parallel_size
+        if tp_size > 1 and loaded is not None:
+            raise ValueError("a tensor-parallel engine loads its own shards: pass no LoadedModel")
+        threads = config.num_threads
+        if tp_size > 1 and device.type == "cpu":  # K ranks share the cores
+            threads = max(1, (threads or torch.get_num_threads()) // tp_size)
+            log.info("tensor parallelism over %d CPU ranks: %d torch threads each", tp_size,
+                     threads)
+        if threads:
+            torch.set_num_threads(threads)
         started = time.monotonic()
         owns_model = loaded is None
         if loaded is None:  # the dtype is chosen from the architecture, before any weight is read
@@ -65,21 +95,41 @@ class LLMEngine:
             dtype = resolve_dtype(config.dtype, device, num_parameters)
             log.info("dtype %s -> %s: %.2fB parameters on %s", config.dtype,
                      str(dtype).removeprefix("torch."), num_parameters / 1e9, device)
-            loaded = load_weights(opened, dtype, device)
+            model_config, weight_bits = opened.config, opened.weight_bits
         else:  # weights already in memory fix the dtype (and so the KV cache's)
             dtype = next(loaded.model.parameters()).dtype
-        quantization, why = resolve_quantization(config.quantization, loaded.weight_bits,
+            model_config, weight_bits = loaded.config, loaded.weight_bits
+        if tp_size > 1:
+            shard_config(model_config, tp_size)  # refuses a K that does not divide the heads
+        quantization, why = resolve_quantization(config.quantization, weight_bits,
                                                  can_pack(device, dtype))
         kv_dtype = kv_cache_dtype(quantization, dtype)
         if why or kv_dtype != dtype:
             log.info("quantization %s -> %s%s; KV cache %s", config.quantization, quantization,
                      f" ({why})" if why else "", str(kv_dtype).removeprefix("torch."))
-        self.config = config.resolve(loaded.config, kv_bytes_per_token(loaded.config, kv_dtype))
-        self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
+        self.config = config.resolve(model_config, kv_bytes_per_token(model_config, kv_dtype))
+        self.model_config = model_config
         self.max_model_len = self.config.scheduler.max_model_len
-        self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model,
-                                  quantization, kv_dtype)
+        self.workers: TensorParallelWorkers | None = None  # ranks 1..K-1 when K > 1
+        if tp_size > 1:
+            self.workers = TensorParallelWorkers(WorkerSpec(
+                config.model, config.max_model_len, tp_size, dtype, device.type,
+                torch.get_num_threads(), self.config.cache, quantization, kv_dtype,
+                logging.getLogger().getEffectiveLevel()))
+        try:
+            if self.workers is not None:
+                loaded = load_rank(opened, self.workers.group, dtype, device)
+            elif loaded is None:
+                loaded = load_weights(opened, dtype, device)
+            self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model,
+                                      quantization, kv_dtype,
+                                      None if self.workers is None else self.workers.broadcast)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.tokenizer = loaded.tokenizer
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache,
                                    loaded.config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -94,17 +144,7 @@ class LLMEngine:
 
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise PromptError unless this prompt can be served; pure, safe from any thread."""
-        if not prompt_token_ids:
-            raise PromptError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise PromptError(f"prompt token ids must be in [0, {vocab})")
-        budget = len(prompt_token_ids) + (params.max_tokens or 1)
-        if budget > self.max_model_len:
-            raise PromptError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the "
-                f"prompt has {len(prompt_token_ids)} and {params.max_tokens or 1} more were asked"
-            )
+        check_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -144,7 +184,8 @@ class LLMEngine:
         ran are ended (see the module docstring) and their final "error" outputs returned: only
         a failed step returns outputs with finish_reason "error", and it returns at least one.
         A failure of the scheduler itself, or of that recovery, propagates: the engine's state
-        is then unknown and it must not be stepped again."""
+        is then unknown and it must not be stepped again. So does any failure of a
+        tensor-parallel step (a dead worker as WorkerDiedError): the ranks may be out of step."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             return []
@@ -155,6 +196,9 @@ class LLMEngine:
             if stopped:  # stop strings end requests after the scheduler has seen the token
                 self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         except Exception:
+            if self.workers is not None:  # the ranks may be out of step: fatal, not recovered
+                self.workers.check()  # a worker that died: which, and its exit code
+                raise
             group_ids = list(dict.fromkeys(s.request.group_id for s in sched_out.scheduled))
             log.exception("a step failed; ending the %d requests it ran: %s", len(group_ids),
                           ", ".join(group_ids))
@@ -183,6 +227,12 @@ class LLMEngine:
         scheduler's requests."""
         self.scheduler.check_integrity()
         self.output_processor.check_integrity(self.scheduler.requests)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank); idempotent. The engine
+        must not be stepped afterwards."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

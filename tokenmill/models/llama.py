@@ -5,7 +5,9 @@ over each request's own paged KV cache is delegated to the step's `AttentionMeta
 names are Hugging Face's, except that q/k/v and gate/up are each one `MergedLinear` (`qkv_proj`,
 `gate_up_proj`) that the loader fills from the checkpoint's separate projections. The other
 families reuse these blocks: Qwen2 sets `LlamaAttention.qkv_bias`, Mixtral swaps the decoder
-layer (`decoder_layer`).
+layer (`decoder_layer`). Every size is read from the config, so a tensor-parallel rank builds
+these classes from its shard of it (`distributed/parallel_linear.shard_config`: fewer heads and
+hidden units) and runs this same forward.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
     attention_class: type[LlamaAttention] = LlamaAttention
+    # The sublayers whose outputs are added to the residual stream. Under tensor parallelism
+    # each ends in a row-parallel linear, so its output is summed over the ranks first
+    # (distributed/parallel_linear.py).
+    residual_branches = ("self_attn", "mlp")
 
     def __init__(self, c: ModelConfig):
         super().__init__()

@@ -3,13 +3,16 @@
 Two steps, so that the served dtype can depend on the model's size: `open_model` reads the config
 and tokenizer and builds the model on the meta device (no random init, no second copy of the
 weights); `load_weights` then streams each weight from its source, casts it to the served dtype
-and assigns it in place. `load_model` does both.
+and assigns it in place. `load_model` does both. A tensor-parallel rank opens the model, then
+takes its shard (`OpenedModel.sharded`): its module is built from its part of the config, and
+each weight streamed is cut to the rank's part before it is cast and kept
+(distributed/parallel_linear.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.parallel_linear import TensorShard, shard_config
 from tokenmill.models.gguf_loader import (gguf_weight_bits, iter_gguf_weights,
                                          load_gguf_config_and_tokenizer)
 from tokenmill.models.hf_loader import (generation_eos_ids, hf_weight_bits, iter_hf_weights,
@@ -28,9 +32,10 @@ from tokenmill.models.registry import model_class
 @dataclass
 class LoadedModel:
     model: nn.Module  # in eval mode, weights in the served dtype on the served device
-    config: ModelConfig  # what the engine needs to know of the architecture
+    config: ModelConfig  # what the engine needs to know of the architecture (the whole model's)
     tokenizer: Any  # a transformers tokenizer, with the chat template
     weight_bits: float  # of the source's layer weights: 5.0 for a Q4_1 GGUF, 16 for bf16 files
+    shard: TensorShard = TensorShard()  # the tensor-parallel rank `model` holds the part of
 
 
 @dataclass
@@ -40,14 +45,22 @@ class OpenedModel:
     before a byte of them is read. `load_weights` consumes it."""
 
     path: Path  # the GGUF file or the checkpoint directory
-    model: nn.Module  # on the meta device: shapes only
-    config: ModelConfig
+    model: nn.Module  # on the meta device: shapes only (of `shard`'s part)
+    config: ModelConfig  # the whole model's
     tokenizer: Any
     weight_bits: float  # bits per weight the source stores its layers' linears at
+    shard: TensorShard = TensorShard()
 
     def num_parameters(self) -> int:
         """Parameters the loaded model will hold (a tied LM head counted once)."""
         return sum(p.numel() for p in self.model.parameters())
+
+    def sharded(self, shard: TensorShard) -> OpenedModel:
+        """This model as tensor-parallel rank `shard.rank` of `shard.size` loads it (ValueError
+        unless the size divides its heads and hidden units)."""
+        with torch.device("meta"):
+            model = type(self.model)(shard_config(self.config, shard.size))
+        return replace(self, model=model, shard=shard)
 
 
 def load_model(spec: str, dtype: torch.dtype, device: torch.device,
@@ -86,14 +99,18 @@ def load_weights(opened: OpenedModel, dtype: torch.dtype, device: torch.device) 
     Peak memory is the loaded weights plus one tensor in its source dtype (docs/BENCHMARKS.md,
     "Loading: peak memory"): safetensors are read without a memory map, and no source tensor
     outlives its assignment. A GGUF is memory-mapped: the pages of the file read so far count
-    too."""
-    path, model, config = opened.path, opened.model, opened.config
+    too. A tensor-parallel rank keeps only its part of each weight, cut from the source tensor
+    before the cast (so the peak adds that part to the one source tensor)."""
+    path, model, config, shard = opened.path, opened.model, opened.config, opened.shard
     if path.suffix == ".gguf":
         weights = iter_gguf_weights(path, config.num_attention_heads, config.num_key_value_heads)
     else:
         weights = iter_hf_weights(path)
+    if shard.size > 1:
+        weights = ((name, shard.slice_weight(name, tensor)) for name, tensor in weights)
     assign_weights(model, weights, dtype, device)
-    return LoadedModel(model.to(device).eval(), config, opened.tokenizer, opened.weight_bits)
+    return LoadedModel(model.to(device).eval(), config, opened.tokenizer, opened.weight_bits,
+                       shard)
 
 
 def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

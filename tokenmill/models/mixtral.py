@@ -68,6 +68,8 @@ class MixtralSparseMoeBlock(nn.Module):
 class MixtralDecoderLayer(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + experts(norm(x))."""
 
+    residual_branches = ("self_attn", "block_sparse_moe")  # see LlamaDecoderLayer
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.self_attn = LlamaAttention(c)

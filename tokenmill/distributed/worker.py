@@ -1,0 +1,198 @@
+"""Tensor parallelism, execution: rank 0's handle on its workers, and the workers' loop.
+
+One node, K ranks, as vLLM's multiprocessing executor: rank 0 is the engine's own process
+(scheduler, sampler, detokenizer, everything as with one rank); `TensorParallelWorkers` starts
+ranks 1..K-1 with torch.multiprocessing (spawn). Every rank opens the model, keeps its shard of
+it (`load_rank`) and of the KV cache, and builds a ModelRunner over them exactly as rank 0 does.
+Then each step:
+
+    rank 0:   schedule -> StepInputs -> broadcast -> forward (all-reduces) -> logits -> sample
+    rank r:                     receive ----------> forward (all-reduces)
+
+After the last all-reduce the hidden state is the same on every rank, so only rank 0 computes
+logits. A broadcast of None ends the workers (`shutdown`).
+
+Faults. A worker that dies closes its connections: rank 0's next broadcast or all-reduce raises
+at once, the engine's step fails and `check` names the dead rank and its exit code; under tensor
+parallelism a failed step is fatal to the engine (the ranks may be out of step), so the server's
+engine is declared dead and it exits (status 3). A rank that hangs makes the others' all-reduce
+raise after COLLECTIVE_TIMEOUT. If rank 0 dies, the workers' wait for the next step raises and
+they exit; they are daemons, so they never outlive rank 0's interpreter either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+import torch.multiprocessing as mp
+
+from tokenmill.config import CacheConfig
+from tokenmill.distributed.parallel_linear import TensorShard, install_all_reduce
+from tokenmill.distributed.parallel_state import (COLLECTIVE_TIMEOUT, TensorParallelGroup, connect,
+                                                  join_store, serve_store)
+from tokenmill.models.loader import LoadedModel, OpenedModel, load_weights, open_model
+from tokenmill.runner.input_batch import StepInputs
+from tokenmill.runner.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10  # for a worker to exit after the stop message, before it is terminated
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process exited while the engine needed it."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to build its rank exactly as rank 0 builds its own (all resolved by
+    rank 0, so that no rank decides anything for itself)."""
+
+    model: str  # the model spec rank 0 opened
+    max_model_len: int | None
+    size: int  # K ranks
+    dtype: torch.dtype
+    device_type: str  # cpu, or cuda: rank r runs on cuda:r
+    num_threads: int  # torch threads of each rank (CPU)
+    cache: CacheConfig  # resolved: every rank's cache has these blocks, with its own KV heads
+    quantization: str  # resolved (never auto)
+    kv_dtype: torch.dtype
+    log_level: int  # rank 0's, for the workers' logs
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device(device_type)
+
+
+def load_rank(opened: OpenedModel, group: TensorParallelGroup, dtype: torch.dtype,
+              device: torch.device) -> LoadedModel:
+    """This rank's shard of the opened model, loaded, with its residual branches summed over
+    the ranks."""
+    loaded = load_weights(opened.sharded(TensorShard(group.rank, group.size)), dtype, device)
+    install_all_reduce(loaded.model, group.all_reduce)
+    return loaded
+
+
+class TensorParallelWorkers:
+    """Rank 0's side: starts ranks 1..K-1, sends them each step, checks on them, stops them."""
+
+    def __init__(self, spec: WorkerSpec):
+        """Start the workers and join the groups with them (returns once all K have joined;
+        each then loads its shard, which `wait_ready` waits for)."""
+        self.spec = spec
+        self._stopped = False
+        self._store = serve_store(spec.size)  # the rendezvous, kept while the workers run
+        context = mp.get_context("spawn")
+        self.processes = [context.Process(target=run_worker,
+                                          args=(rank, spec, self._store.port),
+                                          name=f"tokenmill-tp{rank}", daemon=True)
+                          for rank in range(1, spec.size)]
+        for process in self.processes:
+            process.start()
+        try:
+            self._wait_started()
+            self.group = connect(self._store, 0, spec.size, rank_device(spec.device_type, 0))
+        except BaseException as exc:
+            self._fail(exc)
+        log.info("tensor parallelism: %d ranks, workers' pids %s, %d torch threads each",
+                 spec.size, ", ".join(str(p.pid) for p in self.processes), spec.num_threads)
+
+    def _wait_started(self) -> None:
+        """Wait until every worker has started and reached the store, so that one failing on
+        the way (an import, the main module under spawn) is reported now, not after the groups'
+        timeout."""
+        keys = [f"started/{rank}" for rank in range(1, self.spec.size)]
+        deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+        while not self._store.check(keys):
+            self.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel workers did not start within "
+                                   f"{COLLECTIVE_TIMEOUT.total_seconds():g} s")
+            time.sleep(0.05)
+
+    def wait_ready(self) -> None:
+        """Return once every worker has built its rank; raise (and stop them) if one failed."""
+        try:
+            self.group.barrier()
+        except BaseException as exc:
+            self._fail(exc)
+
+    def broadcast(self, inputs: StepInputs) -> None:
+        """Send one step's inputs to every worker (rank 0 then runs the same forward)."""
+        try:
+            self.group.broadcast(inputs)
+        except RuntimeError as exc:
+            self.check(exc)
+            raise
+
+    def check(self, cause: BaseException | None = None) -> None:
+        """Raise WorkerDiedError, naming the rank and its exit code, if a worker has exited."""
+        dead = self._dead()
+        if dead is not None:
+            raise WorkerDiedError(dead) from cause
+
+    def shutdown(self) -> None:
+        """Stop every worker: the stop message, then terminate those still running. Idempotent,
+        and safe after a worker died or before the groups were joined."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if hasattr(self, "group") and self._dead() is None:
+            try:
+                self.group.broadcast(None)
+            except RuntimeError:
+                pass  # a rank left meanwhile: terminated below
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.terminate()
+                process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _dead(self) -> str | None:
+        """Why the first worker that exited did, or None while all run."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                return (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with "
+                        f"code {process.exitcode}; the engine cannot run without it")
+        return None
+
+    def _fail(self, cause: BaseException) -> NoReturn:
+        """Stop the workers after a failure to start them, naming a dead one if there is."""
+        dead = self._dead()
+        self.shutdown()
+        if dead is not None:
+            raise WorkerDiedError(dead) from cause
+        raise cause
+
+
+def run_worker(rank: int, spec: WorkerSpec, port: int) -> None:
+    """A worker's life (its own process): join the groups, build this rank's model and KV cache,
+    then run the forward of every step rank 0 broadcasts until it sends None."""
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
+    device = rank_device(spec.device_type, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(spec.num_threads)
+    store = join_store(port, spec.size)
+    store.set(f"started/{rank}", str(os.getpid()))
+    group = connect(store, rank, spec.size, device)
+    loaded = load_rank(open_model(spec.model, spec.max_model_len), group, spec.dtype, device)
+    runner = ModelRunner(loaded, spec.cache, device, spec.dtype, owns_model=True,
+                         quantization=spec.quantization, kv_dtype=spec.kv_dtype)
+    log.info("rank %d of %d ready (pid %d)", rank, spec.size, os.getpid())
+    try:
+        group.barrier()
+        while (inputs := group.broadcast()) is not None:
+            runner.forward(inputs)
+    except RuntimeError as exc:  # rank 0 left, or a collective failed: this rank cannot go on
+        log.error("rank %d stops: %s", rank, exc)
+        raise SystemExit(1) from None
