@@ -1,6 +1,7 @@
 """The import graph matches docs/ARCHITECTURE.md's layers: each package imports only the
-packages below it, and the two places where a lower layer reaches up are exactly the documented
-ones (the runner reads the engine's boundary objects; the models call the runner's attention)."""
+packages below it, and the places where a lower layer reaches up are exactly the documented
+ones (the runner reads the engine's boundary objects; the models call the runner's attention; the
+loader cuts tensor-parallel shards with distributed/parallel_linear.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ ALLOWED = {
     "catalog": {"models"},
     "prompts": {"catalog"},
     "llm": {"catalog", "engine", "models", "prompts", "sampling_params", "config"},
-    "engine": {"runner", "models", "sampling_params", "config"},
+    # engine replicas on Ray Serve, seen by the server as engines (only the CLI wires it in)
+    "scaleout": {"engine", "models", "sampling_params", "config"},
+    "engine": {"distributed", "runner", "models", "sampling_params", "config"},
+    "distributed": {"runner", "models", "config"},  # beside runner/ and models/, below engine/
     "runner": {"engine", "models", "config"},
-    "models": {"runner", "config"},
+    "models": {"distributed", "runner", "config"},
     "config": set(),
     "sampling_params": set(),
 }
@@ -28,6 +32,8 @@ ALLOWED = {
 UPWARD = {
     ("runner", "engine"): {"tokenmill.engine.request", "tokenmill.engine.outputs"},
     ("models", "runner"): {"tokenmill.runner.attention"},
+    # the loader cuts a tensor-parallel rank's shard of each weight
+    ("models", "distributed"): {"tokenmill.distributed.parallel_linear"},
 }
 
 

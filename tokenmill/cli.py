@@ -89,7 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-prefix", metavar="PREFIX", default="tokenmill:limits:",
                        help="where in that Redis: deployments sharing one Redis each need their "
                             "own (default: %(default)s)")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="run each model as N engine replicas on Ray Serve, routed by prompt "
+                            "prefix, this process staying the ingress (default: one engine in "
+                            "this process, no Ray)")
+    serve.add_argument("--min-replicas", type=int, metavar="N",
+                       help="with --max-replicas: autoscale each model between these bounds")
+    serve.add_argument("--max-replicas", type=int, metavar="N")
+    serve.add_argument("--target-ongoing-requests", type=float, default=16.0, metavar="N",
+                       help="autoscaling's target of ongoing requests per replica "
+                            "(default: %(default)s)")
+    serve.add_argument("--replica-threads", type=int, metavar="N",
+                       help="torch threads of each replica, and the CPUs it reserves in Ray "
+                            "(default: the cores divided among the replicas)")
+    serve.add_argument("--ray-address", metavar="ADDR",
+                       help="put the replicas on this Ray cluster (default: a local one)")
     serve.add_argument("--max-model-len", type=int, **opt)
+    serve.add_argument("--tensor-parallel-size", type=int, metavar="K",
+                       help="split each model's attention heads and MLP over K processes on "
+                            "this host (torch.distributed; K must divide the query and "
+                            "key-value heads); on a CPU each gets 1/K of the threads "
+                            "(default: 1, one process)", **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                        help="token budget of one engine step (decodes + prefill chunks)", **opt)
@@ -148,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- serve --------------------------------------------------------------------------------------
 
 ENGINE_OPTIONS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                  "quantization", "enable_prefix_caching")
+                  "quantization", "enable_prefix_caching", "tensor_parallel_size")
 FAILURE_OPTIONS = ("max_step_failures", "step_failure_window_s")
 ENGINE_DEAD_STATUS = 3  # the exit status of a server whose engine was declared dead
 SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences",
@@ -272,6 +292,50 @@ class EngineDeaths:
         return dead
 
 
+def replica_plan(args):
+    """The ReplicaPlan of --replicas / --min-replicas and --max-replicas; None without them (one
+    engine in this process, nothing of Ray imported)."""
+    bounds = (args.min_replicas, args.max_replicas)
+    if args.replicas is None and bounds == (None, None):
+        return None
+    if args.replicas is not None and bounds != (None, None):
+        raise UsageError("give --replicas N, or --min-replicas and --max-replicas, not both")
+    if args.replicas is None and None in bounds:
+        raise UsageError("autoscaling needs both --min-replicas and --max-replicas")
+    low, high = (args.replicas, args.replicas) if args.replicas is not None else bounds
+    threads = args.replica_threads or max(1, (os.cpu_count() or 1) // max(1, high))
+    try:
+        from tokenmill.scaleout.cluster import ReplicaPlan
+    except ImportError as exc:
+        raise UsageError(f"--replicas needs Ray Serve ({exc}): pip install 'tokenmill[scale]'") \
+            from None
+
+    try:
+        return ReplicaPlan(low, high, args.target_ongoing_requests, threads,
+                           max_ongoing_requests=getattr(args, "max_num_seqs", None) or 256)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
+    """Each model as an engine deployment on Ray Serve (tokenmill/scaleout), as ServedModels."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.scaleout.cluster import deploy_engine, start_cluster
+    from tokenmill.server.models import ServedModel
+
+    start_cluster(args.ray_address, plan)
+    served = []
+    for i, (model, share) in enumerate(zip(resolved, shares)):
+        options = _given(args, ENGINE_OPTIONS)
+        options["max_model_len"] = served_context(model.entry.context_length,
+                                                  options.get("max_model_len"))
+        config = EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
+        engine = deploy_engine(f"tokenmill-{i}-{model.path.stem}"[:60], config, plan)
+        served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
+                                  fingerprint=fingerprint(model.path, config.dtype)))
+    return served
+
+
 def load_models(resolved: list, shares: list[float], args, deaths: EngineDeaths) -> list:
     """One engine per model (each with its own step thread and KV cache), as ServedModels."""
     from tokenmill.config import EngineConfig
@@ -365,7 +429,9 @@ def serve_command(args) -> int:
         return 2
     deaths = EngineDeaths()
     try:
-        served = load_models(resolved, shares, args, deaths)
+        plan = replica_plan(args)
+        served = (load_models(resolved, shares, args, deaths) if plan is None else
+                  start_replicas(resolved, shares, args, plan))
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
@@ -377,7 +443,13 @@ def serve_command(args) -> int:
     server = deaths.server = DrainingServer(uv_config, app)
     log.info("serving %s on http://%s:%d/v1", ", ".join(m.id for m in served), args.host,
              args.port)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if plan is not None:
+            from tokenmill.scaleout.cluster import stop_cluster
+
+            stop_cluster()
     return ENGINE_DEAD_STATUS if deaths.models else 0
 
 

@@ -1,0 +1,51 @@
+"""How `tokenmill serve`'s replica flags become a ReplicaPlan and Ray Serve deployment options,
+and that a server without them never imports Ray."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tokenmill.cli import UsageError, build_parser, replica_plan
+from tokenmill.scaleout.cluster import ROUTER, ReplicaPlan
+
+
+def plan(*flags: str):
+    return replica_plan(build_parser().parse_args(["serve", *flags]))
+
+
+def test_no_replica_flags_no_plan_and_no_ray():
+    assert plan() is None
+    code = ("import sys, tokenmill.cli, tokenmill.server.app; "
+            "tokenmill.cli.replica_plan(tokenmill.cli.build_parser().parse_args(['serve'])); "
+            "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_fixed_count_and_autoscaling_bounds_pass_through_to_ray_serve():
+    fixed = plan("--replicas", "3", "--replica-threads", "2", "--max-num-seqs", "64")
+    assert fixed == ReplicaPlan(3, 3, 16.0, 2, 64)
+    options = fixed.deployment_options(block_size=16)
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["max_ongoing_requests"] == 64
+    assert options["ray_actor_options"] == {"num_cpus": 2}
+    router = options["request_router_config"]
+    assert (router.request_router_class, router.request_router_kwargs) == (ROUTER,
+                                                                         {"block_size": 16})
+    scaling = plan("--min-replicas", "1", "--max-replicas", "4",
+                   "--target-ongoing-requests", "8").deployment_options(16)["autoscaling_config"]
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (
+        1, 4, 8.0)
+    assert "num_replicas" not in plan("--min-replicas", "1", "--max-replicas", "4") \
+        .deployment_options(16)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "2", "--max-replicas", "4"], "not both"),
+    (["--min-replicas", "2"], "needs both"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "1 <= min (3) <= max (2)"),
+    (["--replicas", "0"], "1 <= min (0)"),
+])
+def test_inconsistent_replica_flags_are_refused(flags, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan(*flags)

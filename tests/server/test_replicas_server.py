@@ -1,0 +1,176 @@
+"""`tokenmill serve --replicas 2`: the default model as two engine replicas on a local Ray Serve
+(one thread each), this server process the ingress. The same greedy output as one process;
+requests sharing a long prefix land on the replica holding it (its prefix cache reports the
+hits); a replica killed under load fails only its own requests, Ray Serve replaces it, and
+traffic goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server_live import MAX_MODEL_LEN, MODEL_ID, start_server, stop_server
+
+PROMPTS = ["Name a colour.", "What is 2 + 2?", "Write one word about the sea."]
+LONG_SYSTEM = "You answer in one short sentence, politely and precisely. " * 24  # ~300 tokens
+
+
+@pytest.fixture(scope="module")
+def replicas(default_model_path, tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("replicas"), [
+        "--model", str(default_model_path), "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-gib", "0.25", "--replicas", "2", "--replica-threads", "1"])
+    yield server
+    stop_server(server)
+
+
+def chat(server, messages, **body) -> httpx.Response:
+    return httpx.post(server.v1 + "/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {server.key}"},
+                      json={"model": MODEL_ID, "messages": messages, "temperature": 0,
+                            "max_tokens": 12, **body})
+
+
+def streamed_text(server, messages, **body) -> tuple[str, list[dict]]:
+    """The streamed content and every parsed event (error events included)."""
+    import json
+
+    events = []
+    with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {server.key}"},
+                      json={"model": MODEL_ID, "messages": messages, "temperature": 0,
+                            "max_tokens": 12, "stream": True, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    text = "".join(e["choices"][0]["delta"].get("content") or ""
+                   for e in events if e.get("choices"))
+    return text, events
+
+
+def replica_processes(server) -> list[psutil.Process]:
+    """The engine replicas' actor processes of this server's local Ray cluster."""
+    found = []
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if any("ServeReplica:" in part and ":engine" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_two_replicas_give_the_same_greedy_output_as_one_process_streamed_or_not(
+        replicas, server):
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        one = chat(server, messages)
+        assert one.status_code == 200, one.text
+        expected = one.json()["choices"][0]["message"]["content"]
+        two = chat(replicas, messages)
+        assert two.status_code == 200, two.text
+        assert two.json()["choices"][0]["message"]["content"] == expected
+        for count in ("prompt_tokens", "completion_tokens"):
+            assert two.json()["usage"][count] == one.json()["usage"][count]
+        text, events = streamed_text(replicas, messages)
+        assert text == expected
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_bad_requests_are_refused_at_the_ingress_with_openai_errors(replicas):
+    too_long = chat(replicas, [{"role": "user", "content": "hi " * 2000}])
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["type"] == "invalid_request_error"
+    bad_schema = chat(replicas, [{"role": "user", "content": "hi"}], response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert bad_schema.status_code == 400
+
+
+def test_requests_sharing_a_long_prefix_land_on_the_replica_that_holds_it(replicas):
+    """The first request fills one replica's cache; each later one is routed there and its
+    prompt is served from that cache (random routing would miss half the time: 1 in 32 to hit
+    all five)."""
+    cached = []
+    for i in range(6):
+        r = chat(replicas, [{"role": "system", "content": LONG_SYSTEM},
+                            {"role": "user", "content": f"Question number {i}?"}], max_tokens=1)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+    assert cached[0] == 0
+    assert all(hit >= 256 for hit in cached[1:]), cached
+
+
+def test_hanging_up_aborts_the_request_on_the_replica_that_runs_it(replicas):
+    """Four long streams are dropped after their first tokens: had their replicas gone on
+    generating (900 tokens each, ignore_eos), they would burn a core each for a minute; once
+    aborted, the replicas' processes sit idle."""
+    def drop(i: int) -> None:
+        with httpx.stream("POST", replicas.v1 + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {replicas.key}"},
+                          json={"model": MODEL_ID, "stream": True, "max_tokens": 900,
+                                "ignore_eos": True,
+                                "messages": [{"role": "user", "content": f"Tell story {i}."}]}
+                          ) as r:
+            assert r.status_code == 200
+            for n, _ in enumerate(r.iter_lines()):
+                if n == 6:
+                    return  # leaving the block closes the connection: a hang-up
+
+    threads = [threading.Thread(target=drop, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    time.sleep(2)  # the cancellations reach the replicas
+    processes = replica_processes(replicas)
+    before = sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+    time.sleep(3)
+    after = sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+    assert after - before < 1.0, f"the replicas used {after - before:.1f} CPU-s in 3 s"
+
+
+def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
+    [victim, survivor] = replica_processes(replicas)
+    outcomes: list[str] = []
+    started = threading.Barrier(9)
+
+    def one(i: int) -> None:
+        started.wait()
+        text, events = streamed_text(replicas, [{"role": "user", "content": f"Count to {i}."}],
+                                     max_tokens=48, ignore_eos=True)
+        errors = [e["error"] for e in events if "error" in e]
+        if errors:
+            assert errors[0]["code"] == "engine_unavailable", errors
+            outcomes.append("failed")
+        else:
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+            outcomes.append("completed")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(3)  # the requests are decoding on both replicas
+    os.kill(victim.pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    assert len(outcomes) == 8 and "completed" in outcomes and "failed" in outcomes, outcomes
+    assert survivor.is_running()
+    # Traffic goes on at once (the survivor), and Ray Serve starts a replacement.
+    assert chat(replicas, [{"role": "user", "content": "Still there?"}]).status_code == 200
+    deadline = time.monotonic() + 120
+    while len(replica_processes(replicas)) < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(1)
+    for prompt in PROMPTS:
+        assert chat(replicas, [{"role": "user", "content": prompt}]).status_code == 200
