@@ -72,6 +72,14 @@ def test_top_k_never_samples_outside_the_top_k():
     assert set(out.token_ids) == {2, 5}
 
 
+def test_a_top_k_past_the_vocabulary_or_int64_keeps_every_token():
+    """Found by fuzzing the server: top_k 366908281674543005696 failed the step."""
+    logits = rows([0.1, 0.0, 0.3]).expand(300, 3)
+    for top_k in (3, 4, 2**70):
+        out = Sampler(3, (EOS,))(logits, [req(top_k=top_k, seed=s) for s in range(300)])
+        assert set(out.token_ids) == {0, 1, 2}
+
+
 DYADIC = torch.log(torch.tensor([[0.125, 0.5, 0.125, 0.25]]))  # softmax is exactly these
 
 

@@ -1,8 +1,8 @@
 """`tokenmill serve --replicas 2`: the default model as two engine replicas on a local Ray Serve
 (one thread each), this server process the ingress. The same greedy output as one process;
 requests sharing a long prefix land on the replica holding it (its prefix cache reports the
-hits); a replica killed under load fails only its own requests, Ray Serve replaces it, and
-traffic goes on.
+hits); hanging up aborts the request on its replica; a replica killed under load fails only its
+own requests, Ray Serve replaces it, and traffic goes on.
 """
 
 from __future__ import annotations
@@ -138,8 +138,16 @@ def test_hanging_up_aborts_the_request_on_the_replica_that_runs_it(replicas):
     assert after - before < 1.0, f"the replicas used {after - before:.1f} CPU-s in 3 s"
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
-    [victim, survivor] = replica_processes(replicas)
+    """The replica killed is the busier one (the router may well have sent every request to one
+    replica, their prompts sharing the chat template's first blocks): its requests end with an
+    OpenAI error event, any others complete, and none hangs."""
+    processes = replica_processes(replicas)
     outcomes: list[str] = []
     started = threading.Barrier(9)
 
@@ -159,12 +167,16 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
     for thread in threads:
         thread.start()
     started.wait()
-    time.sleep(3)  # the requests are decoding on both replicas
+    time.sleep(2)  # the requests are decoding
+    before = {p: cpu_seconds(p) for p in processes}
+    time.sleep(1)
+    victim = max(processes, key=lambda p: cpu_seconds(p) - before[p])
+    [survivor] = [p for p in processes if p is not victim]
     os.kill(victim.pid, signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=180)
     assert not any(thread.is_alive() for thread in threads), "a request hung"
-    assert len(outcomes) == 8 and "completed" in outcomes and "failed" in outcomes, outcomes
+    assert len(outcomes) == 8 and "failed" in outcomes, outcomes
     assert survivor.is_running()
     # Traffic goes on at once (the survivor), and Ray Serve starts a replacement.
     assert chat(replicas, [{"role": "user", "content": "Still there?"}]).status_code == 200

@@ -152,7 +152,10 @@ def sample(logits: Tensor, requests: list[Request]) -> Tensor:
     scaled = scaled.clamp_max_(torch.finfo(scaled.dtype).max)
     top_k = top_p = min_p = None
     if any(p.top_k_enabled for p in params):
-        top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
+        # A top_k past the vocabulary keeps it all (clamped here: the request may give any
+        # integer, even one past int64).
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([min(max(p.top_k, 0), vocab) for p in params], device=device)
     if any(p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p for p in params], device=device)
     if any(p.min_p > 0.0 for p in params):
