@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -17,6 +18,7 @@ from tokenmill.server.app import build_app
 from tokenmill.platform.keys import KeyService
 from tokenmill.platform.ledger import Ledger
 from tokenmill.platform.store import open_store
+from tokenmill.platform.limits import InProcessLimiter
 from tokenmill.server.auth import ensure_admin_key
 from tokenmill.server.state import Demand, ServerSettings
 
@@ -815,3 +817,41 @@ async def test_admin_usage_shows_every_key_with_totals_per_key_model_and_day(cli
     only = (await client.get("/admin/usage", params={"key": "other"})).json()
     assert [r["id"] for r in only["data"]] == [theirs["id"]]
     assert_error(await client.get("/admin/usage", params={"key": "nobody"}), 404)
+
+
+class ThreadRecordingLimiter(InProcessLimiter):
+    """The in-process limiter, noting the thread of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: dict[str, set[int]] = {"reserve": set(), "finish": set(), "headers": set()}
+
+    def reserve(self, *args):
+        self.threads["reserve"].add(threading.get_ident())
+        return super().reserve(*args)
+
+    def finish(self, *args):
+        self.threads["finish"].add(threading.get_ident())
+        return super().finish(*args)
+
+    def headers(self, *args):
+        self.threads["headers"].add(threading.get_ident())
+        return super().headers(*args)
+
+
+async def test_the_limiter_is_never_called_on_the_event_loop(engine, key_store):
+    """A Redis limiter is a network round trip (up to its timeout while Redis is down): on the
+    event loop it would stall every request the server holds."""
+    key, _ = key_store.create("limited", rpm=100, tpm=100_000)
+    limiter = ThreadRecordingLimiter()
+    c, _ = make_client(engine, key_store, limiter=limiter)
+    c.headers["Authorization"] = f"Bearer {key}"
+    async with c:
+        assert (await c.post("/v1/chat/completions", json=chat_body(max_tokens=2))).status_code \
+            == 200
+        streamed = await c.post("/v1/chat/completions", json=chat_body(max_tokens=2, stream=True))
+        assert streamed.status_code == 200
+        assert (await c.get("/v1/models")).headers["x-ratelimit-limit-requests"] == "100"
+    loop_thread = threading.get_ident()
+    assert all(limiter.threads.values()), limiter.threads  # each kind of call was made
+    assert not any(loop_thread in threads for threads in limiter.threads.values())

@@ -56,7 +56,7 @@ from tokenmill.platform.limits import (WINDOW_S, Admitted, KeyUsage, Limiter, Li
 
 DEFAULT_PREFIX = "tokenmill:limits:"
 LOST_AFTER_S = 3600.0  # an unfinished reservation this old is released
-TIMEOUT_S = 1.0  # connecting, and each call: the server calls the limiter on its event loop
+TIMEOUT_S = 1.0  # connecting, and each call (the server calls from worker threads, not its loop)
 US = 1_000_000  # the scripts count time in microseconds
 FIELDS = ("win", "tok", "wtok", "open", "cost", "reserved", "spent", "ids")  # the scripts' KEYS
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, ReadOnlyError, OutOfMemoryError)

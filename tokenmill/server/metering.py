@@ -54,13 +54,13 @@ class Metering:
                 refusal = self.state.outage.failed(exc, "usage ledger")
                 if not self.state.outage.fail_open:
                     raise refusal from None
-        limiter = self.state.limiter
+        limiter = self.state.limiter  # in a worker thread: a Redis limiter is a round trip
         try:
-            raw.state.reservation = limiter.reserve(principal.key_id, limits,
-                                                    prompt + completion, most, spent)
+            raw.state.reservation = await asyncio.to_thread(
+                limiter.reserve, principal.key_id, limits, prompt + completion, most, spent)
         except RateLimited as exc:
             raise rate_limited(exc.code, exc.message, exc.headers) from None
-        return limiter.headers(principal.key_id, limits)
+        return await asyncio.to_thread(limiter.headers, principal.key_id, limits)
 
     async def bill(self, job: Job, request_id: str, raw: Request, tally: UsageTally, status: str,
                    finish_reason: str | None, timing: dict) -> None:
@@ -82,8 +82,9 @@ class Metering:
             await asyncio.shield(asyncio.to_thread(self._write, entry))
         finally:  # the reservation goes back once, with the true counts
             reservation = getattr(raw.state, "reservation", None)
-            if reservation is not None:
-                self.state.limiter.finish(reservation, prompt + completion, entry.cost_pico)
+            if reservation is not None:  # shielded as the write: it must happen
+                await asyncio.shield(asyncio.to_thread(
+                    self.state.limiter.finish, reservation, prompt + completion, entry.cost_pico))
 
     def _write(self, entry: UsageEntry) -> None:
         """In a worker thread: `entry` into the ledger, or into the spool when the store is down

@@ -7,6 +7,8 @@ for any error no route handled.
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import time
 import uuid
@@ -41,7 +43,7 @@ class GuardMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = self._with_rate_headers(scope, message)
+                message = await self._with_rate_headers(scope, message)
                 message["headers"] = [*message.get("headers", ()),
                                       (b"x-request-id", request_id.encode()), *SAFE_HEADERS]
             await send(message)
@@ -80,14 +82,15 @@ class GuardMiddleware:
             return too_large(self.max_body)
         return None
 
-    def _with_rate_headers(self, scope, start: dict) -> dict:
+    async def _with_rate_headers(self, scope, start: dict) -> dict:
         """OpenAI's x-ratelimit-* headers on every response to a key with limits, unless the
         route set its own (a generation request's, taken at its admission)."""
         principal = scope.get("state", {}).get("principal")
         if principal is None or any(name.startswith(b"x-ratelimit-")
                                     for name, _ in start.get("headers", ())):
             return start
-        rate = self.state.limiter.headers(principal.key_id, principal.limits)
+        rate = await asyncio.to_thread(self.state.limiter.headers, principal.key_id,
+                                       principal.limits)  # a Redis round trip off the loop
         if not rate:
             return start
         extra = [(name.encode(), value.encode()) for name, value in rate.items()]
