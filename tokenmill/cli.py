@@ -317,19 +317,25 @@ def replica_plan(args):
         raise UsageError(str(exc)) from None
 
 
+def engine_config(model, share: float, args):
+    """The EngineConfig of one resolved model with its KV share, from the serve flags."""
+    from tokenmill.config import EngineConfig
+
+    options = _given(args, ENGINE_OPTIONS)
+    options["max_model_len"] = served_context(model.entry.context_length,
+                                              options.get("max_model_len"))
+    return EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
+
+
 def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
     """Each model as an engine deployment on Ray Serve (tokenmill/scaleout), as ServedModels."""
-    from tokenmill.config import EngineConfig
     from tokenmill.scaleout.cluster import deploy_engine, start_cluster
     from tokenmill.server.models import ServedModel
 
     start_cluster(args.ray_address, plan)
     served = []
     for i, (model, share) in enumerate(zip(resolved, shares)):
-        options = _given(args, ENGINE_OPTIONS)
-        options["max_model_len"] = served_context(model.entry.context_length,
-                                                  options.get("max_model_len"))
-        config = EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
+        config = engine_config(model, share, args)
         engine = deploy_engine(f"tokenmill-{i}-{model.path.stem}"[:60], config, plan)
         served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
                                   fingerprint=fingerprint(model.path, config.dtype)))
@@ -338,16 +344,12 @@ def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
 
 def load_models(resolved: list, shares: list[float], args, deaths: EngineDeaths) -> list:
     """One engine per model (each with its own step thread and KV cache), as ServedModels."""
-    from tokenmill.config import EngineConfig
     from tokenmill.engine.async_llm import AsyncLLM
     from tokenmill.server.models import ServedModel
 
     served = []
     for model, share in zip(resolved, shares):
-        options = _given(args, ENGINE_OPTIONS)
-        options["max_model_len"] = served_context(model.entry.context_length,
-                                                  options.get("max_model_len"))
-        config = EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
+        config = engine_config(model, share, args)
         try:
             engine = AsyncLLM.from_config(config, on_dead=deaths.on_dead(model.id),
                                           **_given(args, FAILURE_OPTIONS))
