@@ -54,13 +54,17 @@ class Metering:
                 refusal = self.state.outage.failed(exc, "usage ledger")
                 if not self.state.outage.fail_open:
                     raise refusal from None
-        limiter = self.state.limiter  # in a worker thread: a Redis limiter is a round trip
+        limiter = self.state.limiter
+
+        def admit() -> dict[str, str]:  # in a worker thread: a Redis limiter is a round trip
+            raw.state.reservation = limiter.reserve(principal.key_id, limits,
+                                                    prompt + completion, most, spent)
+            return limiter.headers(principal.key_id, limits)
+
         try:
-            raw.state.reservation = await asyncio.to_thread(
-                limiter.reserve, principal.key_id, limits, prompt + completion, most, spent)
+            return await asyncio.to_thread(admit)
         except RateLimited as exc:
             raise rate_limited(exc.code, exc.message, exc.headers) from None
-        return await asyncio.to_thread(limiter.headers, principal.key_id, limits)
 
     async def bill(self, job: Job, request_id: str, raw: Request, tally: UsageTally, status: str,
                    finish_reason: str | None, timing: dict) -> None:
