@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the cores divided among the replicas)")
     serve.add_argument("--ray-address", metavar="ADDR",
                        help="put the replicas on this Ray cluster (default: a local one)")
+    serve.add_argument("--ingress-replicas", type=int, metavar="M",
+                       help="run the API itself (auth, limits, ledger, web) as M replicas of a "
+                            "Ray Serve ingress deployment behind Ray Serve's HTTP proxy on "
+                            "--host/--port, in front of the engine replicas (default: this "
+                            "process is the one ingress); M > 1 needs --redis")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--tensor-parallel-size", type=int, metavar="K",
                        help="split each model's attention heads and MLP over K processes on "
@@ -266,6 +271,56 @@ def check_shared_limits(redis_url: str | None, store_url: str, no_auth: bool) ->
                          "share one ledger, and several servers cannot share a SQLite file")
 
 
+def open_platform(args, owner: bool = True):
+    """The ServerSettings of the serve flags: keys and ledger on the store (--db), limits in
+    this process or in Redis (--redis), the spool (--ledger-fail-open); UsageError when the
+    store or Redis cannot be reached. `owner`: this process sets the store up, creating the
+    first admin key (printed, the only time it is shown) and replaying what an earlier run
+    spooled; the ingress replicas of a Ray Serve application pass False, their application
+    builder having done it once."""
+    from tokenmill.models.default import tokenmill_home
+    from tokenmill.platform.keys import KeyService
+    from tokenmill.platform.ledger import Ledger
+    from tokenmill.platform.limits import InProcessLimiter, LimiterUnavailable
+    from tokenmill.platform.redis_limits import RedisLimiter
+    from tokenmill.platform.spool import UsageSpool
+    from tokenmill.platform.store import StoreUnavailable, open_store
+    from tokenmill.server.auth import ensure_admin_key
+    from tokenmill.server.state import ServerSettings
+
+    home = tokenmill_home()
+    home.mkdir(parents=True, exist_ok=True)
+    keys = ledger = spool = None
+    limiter = InProcessLimiter()
+    if args.no_auth:
+        log.warning("authentication is OFF (--no-auth): anyone who can reach the server can "
+                    "use /v1")
+    else:
+        try:
+            if args.redis is not None:  # reached now: LimiterUnavailable, ValueError (bad URL)
+                limiter = RedisLimiter.from_url(args.redis, args.redis_prefix)
+                log.info("rate limits and budgets in Redis at %s, shared with every server "
+                         "using it", limiter.address)
+            store = open_store(args.db)
+            keys, ledger = KeyService(store), Ledger(store)
+            spool = UsageSpool(home / "usage-spool.jsonl")
+            key = None
+            if owner:
+                key = ensure_admin_key(keys, home)
+                spool.replay(ledger)  # what an earlier run spooled through an outage
+        except (StoreUnavailable, LimiterUnavailable, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        if key is not None:  # the only time the key is shown
+            print(f"Created the admin API key (also saved to {home / 'admin.key'}):\n{key}",
+                  flush=True)
+    try:
+        return ServerSettings(keys=keys, ledger=ledger,
+                              spool=spool if ledger and args.ledger_fail_open else None,
+                              limiter=limiter, **_given(args, SERVER_OPTIONS))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def fingerprint(path: Path, dtype: str) -> str:
     """system_fingerprint: changes when the code, the model file or the dtype does."""
     return "fp_" + hashlib.sha256(f"{__version__}:{path.name}:{dtype}".encode()).hexdigest()[:10]
@@ -329,17 +384,28 @@ def engine_config(model, share: float, args):
 
 def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
     """Each model as an engine deployment on Ray Serve (tokenmill/scaleout), as ServedModels."""
-    from tokenmill.scaleout.cluster import deploy_engine, start_cluster
+    from tokenmill.scaleout.cluster import (DeploymentFailedError, deploy_engine,
+                                            start_cluster, stop_cluster)
     from tokenmill.server.models import ServedModel
 
     start_cluster(args.ray_address, plan)
     served = []
-    for i, (model, share) in enumerate(zip(resolved, shares)):
+    for model, share, app_name in zip(resolved, shares, replica_app_names(resolved)):
         config = engine_config(model, share, args)
-        engine = deploy_engine(f"tokenmill-{i}-{model.path.stem}"[:60], config, plan)
+        try:
+            engine = deploy_engine(app_name, config, plan)
+        except DeploymentFailedError as exc:
+            stop_cluster(replica_app_names(resolved), local=args.ray_address is None)
+            raise UsageError(f"cannot serve {model.id} from {model.path}: {exc}") from None
         served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
                                   fingerprint=fingerprint(model.path, config.dtype)))
     return served
+
+
+def replica_app_names(resolved: list) -> list[str]:
+    """The Ray Serve application of each model's engine replicas, when this process is their
+    ingress."""
+    return [f"tokenmill-{i}-{model.path.stem}"[:60] for i, model in enumerate(resolved)]
 
 
 def load_models(resolved: list, shares: list[float], args, deaths: EngineDeaths) -> list:
@@ -375,16 +441,9 @@ def serve_command(args) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tokenmill.catalog.catalog import CatalogError, load_catalog
-    from tokenmill.models.default import DEFAULT_MODEL_ID, tokenmill_home
+    from tokenmill.models.default import DEFAULT_MODEL_ID
+    from tokenmill.platform.store import default_url
     from tokenmill.server.app import build_app
-    from tokenmill.platform.keys import KeyService
-    from tokenmill.platform.ledger import Ledger
-    from tokenmill.platform.limits import InProcessLimiter, LimiterUnavailable
-    from tokenmill.platform.redis_limits import RedisLimiter
-    from tokenmill.platform.spool import UsageSpool
-    from tokenmill.platform.store import StoreUnavailable, default_url, open_store
-    from tokenmill.server.auth import ensure_admin_key
-    from tokenmill.server.state import ServerSettings
     from tokenmill.web import mount_web
 
     try:
@@ -397,36 +456,17 @@ def serve_command(args) -> int:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
 
-    home = tokenmill_home()
-    home.mkdir(parents=True, exist_ok=True)
-    keys = ledger = spool = None
-    limiter = InProcessLimiter()
-    if args.no_auth:
-        log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%d can use /v1",
-                    args.host, args.port)
-    else:
+    if args.ingress_replicas is not None:  # the whole server as one Ray Serve application
         try:
-            if args.redis is not None:  # reached now: LimiterUnavailable, ValueError (bad URL)
-                limiter = RedisLimiter.from_url(args.redis, args.redis_prefix)
-                log.info("rate limits and budgets in Redis at %s, shared with every server "
-                         "using it", limiter.address)
-            store = open_store(args.db)
-            keys, ledger = KeyService(store), Ledger(store)
-            key = ensure_admin_key(keys, home)
-            spool = UsageSpool(home / "usage-spool.jsonl")
-            spool.replay(ledger)  # what an earlier run spooled through an outage
-        except (StoreUnavailable, LimiterUnavailable, ValueError) as exc:
-            print(f"tokenmill serve: {exc}", file=sys.stderr)
+            from tokenmill.scaleout.application import serve_application
+        except ImportError as exc:
+            print(f"tokenmill serve: --ingress-replicas needs Ray Serve ({exc}): pip install "
+                  "'tokenmill[scale]'", file=sys.stderr)
             return 2
-        if key is not None:  # the only time the key is shown
-            print(f"Created the admin API key (also saved to {home / 'admin.key'}):\n{key}",
-                  flush=True)
-
+        return serve_application(args)
     try:
-        settings = ServerSettings(keys=keys, ledger=ledger,
-                                  spool=spool if ledger and args.ledger_fail_open else None,
-                                  limiter=limiter, **_given(args, SERVER_OPTIONS))
-    except ValueError as exc:
+        settings = open_platform(args)
+    except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
     deaths = EngineDeaths()
@@ -451,7 +491,7 @@ def serve_command(args) -> int:
         if plan is not None:
             from tokenmill.scaleout.cluster import stop_cluster
 
-            stop_cluster()
+            stop_cluster(replica_app_names(resolved), local=args.ray_address is None)
     return ENGINE_DEAD_STATUS if deaths.models else 0
 
 

@@ -93,3 +93,12 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def new_key(db: str, home, name: str, *options: str) -> str:
+    """A new API key (`tokenmill keys create --name NAME OPTIONS`) in the store at `db`."""
+    done = subprocess.run(tokenmill_command() + ["keys", "create", "--name", name, *options,
+                                                 "--db", db],
+                          env={"TOKENMILL_HOME": str(home), "PATH": "/usr/bin:/bin"},
+                          check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout.splitlines()[-1]

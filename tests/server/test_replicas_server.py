@@ -186,3 +186,24 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
         time.sleep(1)
     for prompt in PROMPTS:
         assert chat(replicas, [{"role": "user", "content": prompt}]).status_code == 200
+
+
+def test_replicas_that_cannot_start_end_serve_with_their_cause_in_one_line(default_model_path,
+                                                                          tmp_path):
+    """7 ranks cannot split 9 attention heads: each replica's engine raises, Ray Serve gives up,
+    and serve exits 2 naming the cause, not with Ray's report of the replicas' tracebacks."""
+    import subprocess
+
+    from server_live import free_port, tokenmill_command
+
+    done = subprocess.run(tokenmill_command() + [
+        "serve", "--model", str(default_model_path), "--no-auth", "--port", str(free_port()),
+        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
+        "--tensor-parallel-size", "7"], env=dict(os.environ, TOKENMILL_HOME=str(tmp_path)),
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tokenmill serve: cannot serve SmolLM2-135M-Instruct from ")
+    assert last.endswith("ValueError: --tensor-parallel-size 7 must divide the model's attention "
+                         "heads (9), key-value heads (3; they are split, not replicated) and "
+                         "intermediate size (1536): 1, 3 would")

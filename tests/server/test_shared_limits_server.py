@@ -8,14 +8,13 @@ Kept cheap for a 2-core CPU: the default model, one token per request.
 from __future__ import annotations
 
 import secrets
-import subprocess
 import threading
 from collections import Counter
 
 import httpx
 import pytest
 
-from server_live import MODEL_ID, start_server, stop_server, tokenmill_command
+from server_live import MODEL_ID, new_key, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,6 @@ def replicas(default_model_path, tmp_path_factory, new_pg_database):
     if names:
         client.delete(*names)
     client.close()
-
-
-def new_key(db: str, home, name: str, *options: str) -> str:
-    done = subprocess.run(tokenmill_command() + ["keys", "create", "--name", name, *options,
-                                                 "--db", db],
-                          env={"TOKENMILL_HOME": str(home), "PATH": "/usr/bin:/bin"},
-                          check=True, capture_output=True, text=True, timeout=120)
-    return done.stdout.splitlines()[-1]
 
 
 def chat(server, key: str) -> httpx.Response:

@@ -1,19 +1,19 @@
 """Engine replicas on Ray Serve: `tokenmill serve --replicas N` (or --min/--max-replicas).
 
-This process stays the ingress (the FastAPI app: auth, limits, ledger, web); each served model
-becomes a Ray Serve application of one deployment, `EngineReplica`, with N replicas (or
-autoscaling between bounds on ongoing requests), each an engine with its own KV cache, routed by
-`PrefixAwareRouter`. With `--ray-address` the replicas go on that cluster (`ray start --head`
-and its workers); without it a local Ray is started for this process and stopped with it.
-Several ingress processes may share one cluster's deployments (`--ray-address` and the same
-model list) and, with --redis and a PostgreSQL store, their limits and ledger. Nothing here is
-imported without --replicas.
+Each served model becomes one deployment, `EngineReplica`, with N replicas (or autoscaling
+between bounds on ongoing requests), each an engine with its own KV cache, routed by
+`PrefixAwareRouter`. Its ingress is either this process (`deploy_engine`: one Ray Serve
+application per model, reached through a RemoteEngine) or an ingress deployment in the same
+application (application.py, `--ingress-replicas`). With `--ray-address` the replicas go on that
+cluster (`ray start --head` and its workers); without it a local Ray is started for this
+process and stopped with it. Nothing here is imported without --replicas or --ingress-replicas.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -29,6 +29,7 @@ from tokenmill.scaleout.remote_engine import RemoteEngine
 log = logging.getLogger(__name__)
 
 ROUTER = "tokenmill.scaleout.ray_router.PrefixAwareRouter"
+INGRESS_CPUS = 1  # what each ingress replica reserves (application.py)
 
 
 @dataclass(frozen=True)
@@ -59,36 +60,88 @@ class ReplicaPlan:
                     request_router_kwargs={"block_size": block_size})}
 
 
-def start_cluster(address: str | None, plan: ReplicaPlan) -> None:
-    """Connect to the cluster at `address`, or start a local one sized for the plan; start Ray
-    Serve without its HTTP proxy (this process is the ingress)."""
-    if address is None:  # logical CPUs: the replicas' reservations must fit, whatever the cores
-        cpus = max(os.cpu_count() or 1, plan.max_replicas * plan.threads)
+def start_cluster(address: str | None, plan: ReplicaPlan, http: tuple[str, int] | None = None,
+                  ingress_replicas: int = 0) -> None:
+    """Connect to the cluster at `address`, or start a local one sized for the plan and the
+    ingress replicas; start Ray Serve, with its HTTP proxy on `http` (host, port) when the
+    ingress is a deployment (application.py), else without (this process is the ingress)."""
+    if address is None:  # logical CPUs: the reservations must fit, whatever the cores
+        cpus = max(os.cpu_count() or 1,
+                   plan.max_replicas * plan.threads + ingress_replicas * INGRESS_CPUS)
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray cluster with %d logical CPUs", cpus)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", address)
-    serve.start(proxy_location="Disabled")
+    if http is None:
+        serve.start(proxy_location="Disabled")
+    else:
+        host, port = http
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+
+
+def engine_deployment(config: EngineConfig, plan: ReplicaPlan, name: str = "engine"):
+    """The model's engine deployment, bound to its config: an Application to run or to bind
+    into the ingress."""
+    config = replace(config, num_threads=plan.threads)
+    deployment = serve.deployment(EngineReplica, name=name).options(
+        **plan.deployment_options(config.block_size))
+    return deployment.bind(config)
 
 
 def deploy_engine(app_name: str, config: EngineConfig, plan: ReplicaPlan) -> RemoteEngine:
-    """Deploy (or update) the model's replicas and wait until they serve; its RemoteEngine."""
+    """Deploy (or update) the model's replicas and wait until they serve; its RemoteEngine.
+    DeploymentFailedError if they cannot start (a replica's constructor raised)."""
     started = time.monotonic()
-    config = replace(config, num_threads=plan.threads)
     opened = open_model(config.model, config.max_model_len)  # tokenizer and config: no weights
-    deployment = serve.deployment(EngineReplica, name="engine").options(
-        **plan.deployment_options(config.block_size))
     log.info("starting %s: %s", app_name, _describe(plan))
-    handle = serve.run(deployment.bind(config), name=app_name, route_prefix=None)
-    engine = RemoteEngine(handle, app_name, opened.tokenizer, opened.config)
+    handle = run_application(engine_deployment(config, plan), app_name, route_prefix=None)
+    engine = RemoteEngine(handle, handle.describe.remote().result(), opened.tokenizer,
+                          opened.config)
     log.info("%s ready in %.1f s (context %d)", app_name, time.monotonic() - started,
              engine.max_model_len)
     return engine
 
 
-def stop_cluster() -> None:
-    serve.shutdown()
+class DeploymentFailedError(RuntimeError):
+    """An application's replicas could not start; the message is the cause a replica's
+    constructor raised (the last exception line of its traceback), not Ray Serve's report."""
+
+
+def run_application(app, name: str, route_prefix: str | None):
+    """`serve.run`, waiting until every replica is up; DeploymentFailedError if one cannot
+    start (Ray Serve gives up after retrying; the application is deleted)."""
+    try:
+        return serve.run(app, name=name, route_prefix=route_prefix)
+    except RuntimeError as exc:
+        status = serve.status().applications.get(name)
+        reports = [str(exc)] + ([d.message for d in status.deployments.values()]
+                                if status is not None else [])
+        serve.delete(name)
+        raise DeploymentFailedError(_cause(reports)) from None
+
+
+def _cause(reports: list[str]) -> str:
+    """The last `SomeError: message` line of the reports (a replica's traceback), else the
+    first report's first line."""
+    causes = [line.strip() for report in reports for line in report.splitlines()
+              if _EXCEPTION_LINE.match(line.strip())
+              and not line.strip().startswith("RuntimeError: Traceback")]
+    if causes:
+        return causes[-1]
+    return reports[0].strip().splitlines()[0] if reports[0].strip() else "unknown cause"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
+
+
+def stop_cluster(app_names: list[str], local: bool) -> None:
+    """Delete these applications (their replicas stop, draining); stop Ray Serve and Ray too
+    when the cluster was this process's own, else just leave it."""
+    for name in app_names:
+        serve.delete(name)
+    if local:
+        serve.shutdown()
     ray.shutdown()
 
 

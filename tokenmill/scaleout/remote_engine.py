@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -52,12 +51,10 @@ class EngineFront:
 
 
 class RemoteEngine:
-    def __init__(self, handle, app_name: str, tokenizer: Any, model_config: ModelConfig):
-        """`handle`: the engine deployment's; `app_name`: its Ray Serve application, deleted by
-        `shutdown`. Asks a replica for the resolved context before returning."""
-        described = handle.describe.remote().result()
+    def __init__(self, handle, described: dict, tokenizer: Any, model_config: ModelConfig):
+        """`handle`: the engine deployment's; `described`: what a replica's `describe` returned
+        (its resolved context, vocabulary and block size)."""
         self._handle = handle.options(stream=True)
-        self._app_name = app_name
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = described["max_model_len"]
@@ -102,6 +99,7 @@ class RemoteEngine:
         return not self._closed
 
     async def shutdown(self) -> None:
-        """Delete the deployment's application: its replicas stop."""
+        """Refuse new requests. The replicas belong to the deployment and outlive this handle:
+        whoever deployed them deletes them (`cluster.stop_cluster`, or Ray Serve when the
+        application is deleted)."""
         self._closed = True
-        await asyncio.to_thread(serve.delete, self._app_name)

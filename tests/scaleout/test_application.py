@@ -1,0 +1,56 @@
+"""The flags of `tokenmill serve` as a Ray Serve application (`--ingress-replicas`, and the
+`serve run` config deploy/ray-serve.yaml): what they refuse before anything starts, and that the
+shipped config names the builder with flags its parser takes. The application itself runs in
+tests/server/test_ingress_replicas_server.py."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tokenmill.cli import main
+from tokenmill.scaleout.application import build_application, parse_flags
+
+CONFIG = Path(__file__).parents[2] / "deploy" / "ray-serve.yaml"
+
+
+def serve(capsys, *flags: str) -> tuple[int, str]:
+    code = main(["serve", *flags])
+    return code, capsys.readouterr().err
+
+
+def test_several_ingress_replicas_without_redis_are_refused(capsys, default_model_path,
+                                                            tmp_path):
+    code, err = serve(capsys, "--model", str(default_model_path), "--ingress-replicas", "2",
+                      "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    assert code == 2
+    assert "--ingress-replicas above 1 needs --redis" in err
+
+
+def test_a_spooling_ledger_is_refused_with_ingress_replicas(capsys, default_model_path):
+    code, err = serve(capsys, "--model", str(default_model_path), "--ingress-replicas", "1",
+                      "--ledger-fail-open")
+    assert code == 2
+    assert "--ledger-fail-open" in err and "fails closed" in err
+
+
+def test_zero_ingress_replicas_are_refused(capsys, default_model_path):
+    code, err = serve(capsys, "--model", str(default_model_path), "--ingress-replicas", "0",
+                      "--no-auth")
+    assert code == 2
+    assert "--ingress-replicas must be at least 1, not 0" in err
+
+
+def test_the_shipped_ray_serve_config_names_the_builder_with_flags_serve_accepts():
+    config = yaml.safe_load(CONFIG.read_text())
+    [app] = config["applications"]
+    module, name = app["import_path"].split(":")
+    assert (module, name) == ("tokenmill.scaleout.application", "build_application")
+    args = parse_flags(app["args"]["flags"])
+    assert (args.replicas, args.ingress_replicas) == (2, 2)
+    assert args.redis.startswith("redis://") and args.db.startswith("postgresql://")
+
+
+def test_the_builder_refuses_flags_it_cannot_serve_with_a_one_line_error():
+    with pytest.raises(ValueError, match="needs --redis"):
+        build_application({"flags": "--ingress-replicas 3 --db sqlite:////tmp/never.db"})

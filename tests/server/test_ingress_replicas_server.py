@@ -1,0 +1,167 @@
+"""`tokenmill serve --ingress-replicas 2 --replicas 1`: the whole server as one Ray Serve
+application on a local Ray, two ingress replicas (the API, behind Ray Serve's HTTP proxy) over one
+PostgreSQL ledger and one Redis, in front of one engine replica. The same greedy output as one
+process, streamed or not; a key's limits hold across both ingress replicas exactly; one ledger
+row per delivered response; hanging up through the proxy aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+
+import httpx
+import psutil
+import pytest
+
+from server_live import MAX_MODEL_LEN, MODEL_ID, new_key, start_server, stop_server
+
+PROMPTS = ["Name a colour.", "What is 2 + 2?"]
+
+
+@pytest.fixture(scope="module")
+def application(default_model_path, tmp_path_factory, new_pg_database):
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    db = new_pg_database()
+    prefix = f"tokenmill-test:{secrets.token_hex(6)}:"
+    server = start_server(tmp_path_factory.mktemp("ingress"), [
+        "--model", str(default_model_path), "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
+        "--ingress-replicas", "2", "--db", db, "--redis", "redis://127.0.0.1:6379/0",
+        "--redis-prefix", prefix])
+    yield db, server
+    stop_server(server)
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    names = list(client.scan_iter(match=f"{prefix}*"))
+    if names:
+        client.delete(*names)
+    client.close()
+
+
+def actors(server, deployment: str) -> list[psutil.Process]:
+    """The replica processes of one deployment of this server's local Ray."""
+    found = []
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if any(f"ServeReplica:tokenmill:{deployment}" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def chat(server, key: str, **body) -> httpx.Response:
+    return httpx.post(server.v1 + "/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {key}"},
+                      json={"model": MODEL_ID, "temperature": 0, "max_tokens": 12, **body})
+
+
+def streamed_text(server, key: str, **body) -> str:
+    events = []
+    with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {key}"},
+                      json={"model": MODEL_ID, "temperature": 0, "max_tokens": 12,
+                            "stream": True, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+
+
+def test_the_application_gives_one_process_greedy_output_streamed_or_not(application, server):
+    _, app = application
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        one = chat(server, server.key, messages=messages)
+        assert one.status_code == 200, one.text
+        expected = one.json()["choices"][0]["message"]["content"]
+        two = chat(app, app.key, messages=messages)
+        assert two.status_code == 200, two.text
+        assert two.json()["choices"][0]["message"]["content"] == expected
+        assert two.json()["usage"]["completion_tokens"] == one.json()["usage"]["completion_tokens"]
+        assert streamed_text(app, app.key, messages=messages) == expected
+
+
+def test_bad_requests_get_openai_errors_through_the_proxy(application):
+    _, app = application
+    bad = chat(app, app.key, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "temperature"
+    no_key = httpx.post(app.v1 + "/chat/completions", json={"model": MODEL_ID}, timeout=30)
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_rpm_5_across_two_ingress_replicas_admits_exactly_5_of_12_and_bills_each_once(
+        application):
+    """Both ingress replicas take part (each burns CPU on the burst: Ray Serve's proxy spreads
+    the requests), yet the key's limit holds as in one process."""
+    db, app = application
+    key = new_key(db, app.home, "rpm5-ingress", "--rpm", "5")
+    ingress = actors(app, "ingress")
+    assert len(ingress) == 2
+    before = {p: cpu_seconds(p) for p in ingress}
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(12)
+
+    def one() -> None:
+        start.wait()
+        answers.append(chat(app, key, messages=[{"role": "user", "content": "Hi"}],
+                            max_tokens=1))
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert Counter(r.status_code for r in answers) == {200: 5, 429: 7}
+    assert all(r.headers["x-ratelimit-limit-requests"] == "5" for r in answers)
+    assert all(cpu_seconds(p) - before[p] > 0.05 for p in ingress), "one ingress took it all"
+    rows = httpx.get(app.v1 + "/usage", headers={"Authorization": f"Bearer {key}"},
+                     params={"limit": 100}, timeout=30).json()["data"]
+    assert len(rows) == 5
+
+
+def test_hanging_up_at_the_proxy_aborts_the_engine_request(application):
+    """Three long streams dropped after their first tokens: had the engine gone on (900 tokens
+    each, ignore_eos) its replica would be busy for a minute; aborted, it sits idle."""
+    _, app = application
+
+    def drop(i: int) -> None:
+        with httpx.stream("POST", app.v1 + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {app.key}"},
+                          json={"model": MODEL_ID, "stream": True, "max_tokens": 900,
+                                "ignore_eos": True,
+                                "messages": [{"role": "user", "content": f"Tell story {i}."}]}
+                          ) as r:
+            assert r.status_code == 200
+            for n, _ in enumerate(r.iter_lines()):
+                if n == 6:
+                    return
+
+    threads = [threading.Thread(target=drop, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    time.sleep(2)  # the cancellations cross the proxy, the ingress and the engine handle
+    [engine] = actors(app, "engine-0")
+    before = cpu_seconds(engine)
+    time.sleep(3)
+    assert cpu_seconds(engine) - before < 1.0, "the engine replica kept generating"
