@@ -855,3 +855,42 @@ async def test_the_limiter_is_never_called_on_the_event_loop(engine, key_store):
     loop_thread = threading.get_ident()
     assert all(limiter.threads.values()), limiter.threads  # each kind of call was made
     assert not any(loop_thread in threads for threads in limiter.threads.values())
+
+
+async def test_a_stream_left_before_its_body_started_hands_its_reservation_back_off_the_loop(
+        engine, key_store):
+    """The client disconnects while the response's first bytes are still being sent: the body
+    never starts, so `bill` never runs, and the close callback gives the reservation back, in a
+    worker thread."""
+    key, _ = key_store.create("leaves", tpm=100_000, budget_usd="1")
+    key_id = key_store.ids_by_name()["leaves"]
+    limiter = ThreadRecordingLimiter()
+    _, app = make_client(engine, key_store, limiter=limiter)
+    body = json.dumps(chat_body(max_tokens=4, stream=True)).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    started = asyncio.Event()
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            started.set()
+            await asyncio.Event().wait()  # the client never reads: blocked until cancelled
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("test", 80), "headers": [(b"authorization", f"Bearer {key}".encode()),
+                                                 (b"content-type", b"application/json")]}
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)
+    for _ in range(100):  # the hand-back runs in a worker thread, not awaited
+        if limiter.usage(key_id).open == 0 and limiter.threads["finish"]:
+            break
+        await asyncio.sleep(0.05)
+    usage = limiter.usage(key_id)
+    assert (usage.open, usage.reserved_pico, usage.tokens) == (0, 0, 0)
+    assert limiter.threads["finish"] and threading.get_ident() not in limiter.threads["finish"]

@@ -113,10 +113,15 @@ class Metering:
 
     def release_unbilled(self, raw: Request) -> None:
         """A stream whose client left before its body started never reaches `bill`: give its
-        reservation back unused (nothing was generated, nothing is billed)."""
+        reservation back unused (nothing was generated, nothing is billed). Called from a
+        synchronous close callback on the event loop, so the limiter call is handed to a worker
+        thread, not awaited; a failure there is logged (the reservation then lapses with the
+        limiter's window)."""
         reservation = getattr(raw.state, "reservation", None)
         if reservation is not None and not getattr(raw.state, "billing", False):
-            self.state.limiter.finish(reservation, 0, 0)
+            released = asyncio.get_running_loop().run_in_executor(
+                None, self.state.limiter.finish, reservation, 0, 0)
+            released.add_done_callback(_log_release_failure)
 
     async def bill_quietly(self, *args) -> None:
         """`bill` on a path that is already failing or ending: a store error is logged, never
@@ -125,3 +130,8 @@ class Metering:
             await self.bill(*args)
         except APIError:
             pass
+
+
+def _log_release_failure(released: asyncio.Future) -> None:
+    if not released.cancelled() and released.exception() is not None:
+        log.error("an unbilled reservation was not released: %s", released.exception())
