@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tokenmill.catalog.catalog import load_catalog
-from tokenmill.cli import (ENGINE_OPTIONS, UsageError, _given, build_parser, check_fits,
-                           check_shared_limits, kv_shares, main, resolve_specs)
+from tokenmill.cli import (ENGINE_OPTIONS, UsageError, build_parser, check_fits,
+                           check_shared_limits, given_options, kv_shares, main, resolve_specs)
 from tokenmill.config import EngineConfig
 
 GIB = 1 << 30
@@ -115,12 +115,12 @@ def test_serve_with_redis_refuses_sqlite_and_no_auth_before_anything_starts(home
 
 def test_serve_passes_only_the_engine_options_given_and_defaults_to_auto_quantization():
     args = build_parser().parse_args(["serve"])
-    assert _given(args, ENGINE_OPTIONS) == {"quantization": "auto"}
+    assert given_options(args, ENGINE_OPTIONS) == {"quantization": "auto"}
     args = build_parser().parse_args(["serve", "--no-prefix-caching", "--quantization", "none",
                                       "--max-num-seqs", "8"])
-    assert _given(args, ENGINE_OPTIONS) == {"quantization": "none", "max_num_seqs": 8,
+    assert given_options(args, ENGINE_OPTIONS) == {"quantization": "none", "max_num_seqs": 8,
                                             "enable_prefix_caching": False}
-    config = EngineConfig(model="m", **_given(args, ENGINE_OPTIONS))
+    config = EngineConfig(model="m", **given_options(args, ENGINE_OPTIONS))
     assert not config.enable_prefix_caching
 
 

@@ -181,7 +181,7 @@ SERVER_OPTIONS = ("max_body_bytes", "request_timeout_s", "max_pending_sequences"
 DEFAULT_KV_CACHE_GIB = 1.0  # per model, when --kv-cache-gib is not given
 
 
-def _given(args, names: tuple[str, ...]) -> dict:
+def given_options(args, names: tuple[str, ...]) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
@@ -316,7 +316,7 @@ def open_platform(args, owner: bool = True):
     try:
         return ServerSettings(keys=keys, ledger=ledger,
                               spool=spool if ledger and args.ledger_fail_open else None,
-                              limiter=limiter, **_given(args, SERVER_OPTIONS))
+                              limiter=limiter, **given_options(args, SERVER_OPTIONS))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -376,7 +376,7 @@ def engine_config(model, share: float, args):
     """The EngineConfig of one resolved model with its KV share, from the serve flags."""
     from tokenmill.config import EngineConfig
 
-    options = _given(args, ENGINE_OPTIONS)
+    options = given_options(args, ENGINE_OPTIONS)
     options["max_model_len"] = served_context(model.entry.context_length,
                                               options.get("max_model_len"))
     return EngineConfig(model=str(model.path), kv_cache_gib=share, **options)
@@ -393,7 +393,8 @@ def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
     for model, share, app_name in zip(resolved, shares, replica_app_names(resolved)):
         config = engine_config(model, share, args)
         try:
-            engine = deploy_engine(app_name, config, plan)
+            engine = deploy_engine(app_name, config, plan,
+                                   given_options(args, FAILURE_OPTIONS))
         except DeploymentFailedError as exc:
             stop_cluster(replica_app_names(resolved), local=args.ray_address is None)
             raise UsageError(f"cannot serve {model.id} from {model.path}: {exc}") from None
@@ -418,7 +419,7 @@ def load_models(resolved: list, shares: list[float], args, deaths: EngineDeaths)
         config = engine_config(model, share, args)
         try:
             engine = AsyncLLM.from_config(config, on_dead=deaths.on_dead(model.id),
-                                          **_given(args, FAILURE_OPTIONS))
+                                          **given_options(args, FAILURE_OPTIONS))
             served.append(ServedModel(id=model.id, engine=engine, entry=model.entry,
                                       fingerprint=fingerprint(model.path, config.dtype)))
         except (ValueError, NotImplementedError, OSError) as exc:

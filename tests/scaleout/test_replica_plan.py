@@ -49,3 +49,19 @@ def test_a_fixed_count_and_autoscaling_bounds_pass_through_to_ray_serve():
 def test_inconsistent_replica_flags_are_refused(flags, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan(*flags)
+
+
+def test_the_step_failure_bounds_of_serve_reach_each_engine_replica():
+    """A replica's engine dies past --max-step-failures within --step-failure-window, as one
+    process's does (then Ray Serve replaces it), not past AsyncLLM's defaults."""
+    from tokenmill.cli import FAILURE_OPTIONS, given_options
+    from tokenmill.config import EngineConfig
+    from tokenmill.scaleout.cluster import engine_deployment
+
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--max-step-failures", "5",
+                                      "--step-failure-window", "10"])
+    failures = given_options(args, FAILURE_OPTIONS)
+    assert failures == {"max_step_failures": 5, "step_failure_window_s": 10.0}
+    app = engine_deployment(EngineConfig(model="m"), replica_plan(args), failures)
+    config, bound = app._bound_deployment.init_args  # what each replica is constructed with
+    assert bound == failures and config.num_threads == replica_plan(args).threads

@@ -36,8 +36,8 @@ from pydantic import BaseModel
 from ray import serve
 
 from tokenmill.catalog.catalog import CatalogEntry, load_catalog
-from tokenmill.cli import (UsageError, build_parser, engine_config, fingerprint, kv_shares,
-                           open_platform, replica_plan, resolve_specs)
+from tokenmill.cli import (FAILURE_OPTIONS, UsageError, build_parser, engine_config, fingerprint,
+                           given_options, kv_shares, open_platform, replica_plan, resolve_specs)
 from tokenmill.models.default import DEFAULT_MODEL_ID
 from tokenmill.models.loader import open_model
 from tokenmill.scaleout.cluster import (INGRESS_CPUS, DeploymentFailedError, ReplicaPlan,
@@ -101,7 +101,8 @@ def application(args: argparse.Namespace) -> tuple[object, ReplicaPlan]:
         config = engine_config(model, share, args)
         models.append(IngressModel(model.id, model.entry, fingerprint(model.path, config.dtype),
                                    config.model, config.max_model_len))
-        engines.append(engine_deployment(config, plan, name=f"engine-{i}"))
+        engines.append(engine_deployment(config, plan, given_options(args, FAILURE_OPTIONS),
+                                         name=f"engine-{i}"))
     ingress = serve.deployment(Ingress, name="ingress").options(
         num_replicas=args.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS},
         graceful_shutdown_timeout_s=settings.drain_timeout_s, health_check_period_s=5)

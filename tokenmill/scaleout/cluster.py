@@ -80,22 +80,25 @@ def start_cluster(address: str | None, plan: ReplicaPlan, http: tuple[str, int] 
         serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
 
 
-def engine_deployment(config: EngineConfig, plan: ReplicaPlan, name: str = "engine"):
-    """The model's engine deployment, bound to its config: an Application to run or to bind
-    into the ingress."""
+def engine_deployment(config: EngineConfig, plan: ReplicaPlan, failures: dict,
+                      name: str = "engine"):
+    """The model's engine deployment, bound to its config and step-failure bounds (see
+    EngineReplica): an Application to run or to bind into the ingress."""
     config = replace(config, num_threads=plan.threads)
     deployment = serve.deployment(EngineReplica, name=name).options(
         **plan.deployment_options(config.block_size))
-    return deployment.bind(config)
+    return deployment.bind(config, failures)
 
 
-def deploy_engine(app_name: str, config: EngineConfig, plan: ReplicaPlan) -> RemoteEngine:
+def deploy_engine(app_name: str, config: EngineConfig, plan: ReplicaPlan,
+                  failures: dict) -> RemoteEngine:
     """Deploy (or update) the model's replicas and wait until they serve; its RemoteEngine.
     DeploymentFailedError if they cannot start (a replica's constructor raised)."""
     started = time.monotonic()
     opened = open_model(config.model, config.max_model_len)  # tokenizer and config: no weights
     log.info("starting %s: %s", app_name, _describe(plan))
-    handle = run_application(engine_deployment(config, plan), app_name, route_prefix=None)
+    handle = run_application(engine_deployment(config, plan, failures), app_name,
+                             route_prefix=None)
     engine = RemoteEngine(handle, handle.describe.remote().result(), opened.tokenizer,
                           opened.config)
     log.info("%s ready in %.1f s (context %d)", app_name, time.monotonic() - started,

@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class EngineReplica:
-    def __init__(self, config: EngineConfig):
-        self.llm = AsyncLLM.from_config(config)
+    def __init__(self, config: EngineConfig, failures: dict):
+        """`failures`: the step-failure bounds of `tokenmill serve` (max_step_failures,
+        step_failure_window_s; absent: AsyncLLM's defaults). Past them the engine is dead,
+        `check_health` fails and Ray Serve replaces this replica."""
+        self.llm = AsyncLLM.from_config(config, **failures)
         self.replica = serve.get_replica_context().replica_tag
         self.requests = 0  # engine requests started here
         self.prompt_tokens = 0  # their prompt tokens
