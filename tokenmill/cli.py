@@ -459,7 +459,7 @@ def serve_command(args) -> int:
 
     if args.ingress_replicas is not None:  # the whole server as one Ray Serve application
         try:
-            from tokenmill.scaleout.application import serve_application
+            from tokenmill.ray_app import serve_application
         except ImportError as exc:
             print(f"tokenmill serve: --ingress-replicas needs Ray Serve ({exc}): pip install "
                   "'tokenmill[scale]'", file=sys.stderr)

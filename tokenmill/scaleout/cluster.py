@@ -4,9 +4,10 @@ Each served model becomes one deployment, `EngineReplica`, with N replicas (or a
 between bounds on ongoing requests), each an engine with its own KV cache, routed by
 `PrefixAwareRouter`. Its ingress is either this process (`deploy_engine`: one Ray Serve
 application per model, reached through a RemoteEngine) or an ingress deployment in the same
-application (application.py, `--ingress-replicas`). With `--ray-address` the replicas go on that
-cluster (`ray start --head` and its workers); without it a local Ray is started for this
-process and stopped with it. Nothing here is imported without --replicas or --ingress-replicas.
+application (tokenmill/ray_app.py, `--ingress-replicas`). With `--ray-address` the replicas go
+on that cluster (`ray start --head` and its workers); without it a local Ray is started for
+this process and stopped with it. Nothing here is imported without --replicas or
+--ingress-replicas.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tokenmill.scaleout.remote_engine import RemoteEngine
 log = logging.getLogger(__name__)
 
 ROUTER = "tokenmill.scaleout.ray_router.PrefixAwareRouter"
-INGRESS_CPUS = 1  # what each ingress replica reserves (application.py)
+INGRESS_CPUS = 1  # what each ingress replica reserves (tokenmill/ray_app.py)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def start_cluster(address: str | None, plan: ReplicaPlan, http: tuple[str, int] 
                   ingress_replicas: int = 0) -> None:
     """Connect to the cluster at `address`, or start a local one sized for the plan and the
     ingress replicas; start Ray Serve, with its HTTP proxy on `http` (host, port) when the
-    ingress is a deployment (application.py), else without (this process is the ingress)."""
+    ingress is a deployment (tokenmill/ray_app.py), else without (this process is the ingress)."""
     if address is None:  # logical CPUs: the reservations must fit, whatever the cores
         cpus = max(os.cpu_count() or 1,
                    plan.max_replicas * plan.threads + ingress_replicas * INGRESS_CPUS)

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from tokenmill.cli import main
-from tokenmill.scaleout.application import build_application, parse_flags
+from tokenmill.ray_app import build_application, parse_flags
 
-CONFIG = Path(__file__).parents[2] / "deploy" / "ray-serve.yaml"
+CONFIG = Path(__file__).parents[1] / "deploy" / "ray-serve.yaml"
 
 
 def serve(capsys, *flags: str) -> tuple[int, str]:
@@ -45,7 +45,7 @@ def test_the_shipped_ray_serve_config_names_the_builder_with_flags_serve_accepts
     config = yaml.safe_load(CONFIG.read_text())
     [app] = config["applications"]
     module, name = app["import_path"].split(":")
-    assert (module, name) == ("tokenmill.scaleout.application", "build_application")
+    assert (module, name) == ("tokenmill.ray_app", "build_application")
     args = parse_flags(app["args"]["flags"])
     assert (args.replicas, args.ingress_replicas) == (2, 2)
     assert args.redis.startswith("redis://") and args.db.startswith("postgresql://")
