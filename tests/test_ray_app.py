@@ -54,3 +54,22 @@ def test_the_shipped_ray_serve_config_names_the_builder_with_flags_serve_accepts
 def test_the_builder_refuses_flags_it_cannot_serve_with_a_one_line_error():
     with pytest.raises(ValueError, match="needs --redis"):
         build_application({"flags": "--ingress-replicas 3 --db sqlite:////tmp/never.db"})
+
+
+def test_each_ingress_replica_takes_what_the_server_admits_not_ray_serves_default_five(
+        default_model_path, tmp_path, monkeypatch):
+    """Past its max_ongoing_requests Ray Serve's proxy queues requests where the server's own
+    admission (503s, per-key 429s) never sees them: at Ray's default of 5, eight simultaneous
+    streams waited seconds for their first token."""
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    app = build_application({"flags": ["--model", str(default_model_path), "--no-auth",
+                                       "--ingress-replicas", "2", "--replicas", "3",
+                                       "--max-pending-sequences", "700"]})
+    ingress = app._bound_deployment  # the application's ingress: its options and bound args
+    assert (ingress.name, ingress.num_replicas, ingress.max_ongoing_requests) == ("ingress", 2,
+                                                                                   700)
+    _, models, engines = ingress.init_args
+    assert [model.id for model in models] == ["SmolLM2-135M-Instruct"]
+    [engine] = engines
+    assert (engine._bound_deployment.name, engine._bound_deployment.num_replicas) == (
+        "engine-0", 3)

@@ -103,8 +103,12 @@ def application(args: argparse.Namespace) -> tuple[object, ReplicaPlan]:
                                    config.model, config.max_model_len))
         engines.append(engine_deployment(config, plan, given_options(args, FAILURE_OPTIONS),
                                          name=f"engine-{i}"))
+    # Each replica takes every request the app would admit, so that the app's own admission
+    # (503s past --max-pending-sequences, 429s per key) decides, not Ray Serve's default of 5
+    # ongoing requests, past which its proxy queues requests unseen.
     ingress = serve.deployment(Ingress, name="ingress").options(
         num_replicas=args.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS},
+        max_ongoing_requests=settings.max_pending_sequences,
         graceful_shutdown_timeout_s=settings.drain_timeout_s, health_check_period_s=5)
     return ingress.bind(args, models, engines), plan
 
