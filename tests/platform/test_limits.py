@@ -289,6 +289,30 @@ def test_headers_exact_values_and_formats(limiter_at):
     assert limiter.headers(1, Limits(None, None, 5)) == {}
 
 
+def test_reserve_with_headers_gives_the_headers_a_reserve_then_headers_would(limiter_at):
+    """One call (one Redis round trip) or two, the admitted response carries the same headers,
+    a request reserving no tokens included (tokens then reset with an older one)."""
+    one, clock = limiter_at(0.0)
+    two, twin_clock = limiter_at(0.0)
+    for key_id, limits in enumerate([Limits(10, 1000, None), Limits(10, None, None),
+                                     Limits(None, 1000, 10**9), Limits(None, None, None)]):
+        for now, tokens in ((1.0, 300), (2.5, 0), (4.25, 120)):
+            clock.now = twin_clock.now = now
+            reservation, headers = one.reserve_with_headers(key_id, limits, tokens, 7, 0)
+            assert (reservation.tokens, reservation.cost_pico, reservation.request_ts) == (
+                tokens, 7, now)
+            two.reserve(key_id, limits, tokens, 7, 0)
+            assert headers == two.headers(key_id, limits)
+        if key_id == 0:
+            assert headers == {
+                "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "7",
+                "x-ratelimit-reset-requests": "1m0s", "x-ratelimit-limit-tokens": "1000",
+                "x-ratelimit-remaining-tokens": "580", "x-ratelimit-reset-tokens": "1m0s"}
+    with pytest.raises(RateLimited):
+        one.reserve_with_headers(0, Limits(3, None, None), 1, 0, 0)
+    one.check_integrity()
+
+
 @pytest.mark.parametrize("seconds, text", [
     (0, "0s"), (-3, "0s"), (0.02, "20ms"), (0.0004, "1ms"), (1, "1s"), (1.5, "1.5s"),
     (59.999, "59.999s"), (360, "6m0s"), (61.25, "1m1.25s"), (3723, "1h2m3s"), (3600, "1h0m0s")])

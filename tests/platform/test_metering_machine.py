@@ -441,7 +441,7 @@ class MeteringMachine(RuleBasedStateMachine):
         """The stream's on_close: gives an unbilled reservation back unused, and changes nothing
         for a request already billed."""
         before = self.limiter.usage(pending.account.key_id)
-        self.metering.release_unbilled(pending.request.raw)
+        self.run(self.metering.release_unbilled(pending.request.raw))
         if pending.state == "billed":
             assert self.limiter.usage(pending.account.key_id) == before
             return

@@ -124,6 +124,13 @@ class Limiter(ABC):
     def headers(self, key_id: int, limits: Limits) -> dict[str, str]:
         """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for the limits set."""
 
+    def reserve_with_headers(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
+                             spent_pico: int) -> tuple[Reservation, dict[str, str]]:
+        """`reserve`, and the headers of the window as the admission left it (what the admitted
+        response carries). Backends whose calls are round trips do both in one."""
+        reservation = self.reserve(key_id, limits, tokens, cost_pico, spent_pico)
+        return reservation, self.headers(key_id, limits)
+
     @abstractmethod
     def usage(self, key_id: int) -> KeyUsage:
         """What the key holds now (for invariants and admin views)."""

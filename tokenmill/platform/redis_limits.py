@@ -137,8 +137,9 @@ prune()
 """
 
 # ARGV[4..9]: tokens, cost_pico, the ledger's spend, budget_pico, rpm, tpm ('': no limit).
-# Admitted: {1, id, now}. Refused (nothing changed): {0, now, spent, reserved, window tokens,
-# then each window entry's admission time and tokens, oldest first}.
+# Admitted: {1, id, now, the window's requests and tokens with it}. Refused (nothing changed):
+# {0, now, spent, reserved, window tokens, then each window entry's admission time and tokens,
+# oldest first}.
 RESERVE_LUA = r"""
 local tokens, cost_pico, ledger, budget = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local rpm, tpm = tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -169,7 +170,7 @@ redis.call('SET', spent, known)
 local window_ms, lost_ms = int(window_us / 1000 + 1000), int(lost_us / 1000)
 for _, key in ipairs({win, tok, wtok}) do redis.call('PEXPIRE', key, window_ms) end
 for _, key in ipairs({open, cost, reserved}) do redis.call('PEXPIRE', key, lost_ms) end
-return {1, id, now}
+return {1, id, now, count + 1, window_tokens + tonumber(tokens)}
 """
 
 # ARGV[4..6]: reservation id, tokens used, cost_pico. 1: finished now; 0: finished before (or
@@ -247,13 +248,31 @@ class RedisLimiter(Limiter):
 
     def reserve(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
                 spent_pico: int) -> Reservation:
+        return self._admit(key_id, limits, tokens, cost_pico, spent_pico)[0]
+
+    def reserve_with_headers(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
+                             spent_pico: int) -> tuple[Reservation, dict[str, str]]:
+        """One round trip: the reserve script returns the window as it left it, and this
+        admission is its newest entry (the newest holding tokens too, unless it holds none)."""
+        reservation, requests, window_tokens = self._admit(key_id, limits, tokens, cost_pico,
+                                                           spent_pico)
+        if tokens == 0:  # the newest entry holding tokens is an older one: read the window
+            return reservation, self.headers(key_id, limits)
+        now = reservation.request_ts
+        return reservation, rate_headers(limits, now, requests, window_tokens, now, now)
+
+    def _admit(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
+               spent_pico: int) -> tuple[Reservation, int, int]:
+        """The reserve script: the reservation, and the window's requests and tokens with it;
+        `RateLimited` as `reserve`."""
         check_counts(tokens=tokens, cost_pico=cost_pico, spent_pico=spent_pico)
         reply = self._run(self._reserve, key_id, tokens, cost_pico, spent_pico,
                           *("" if v is None else v
                             for v in (limits.budget_pico, limits.rpm, limits.tpm)))
         if reply[0] == 1:
-            _, reservation_id, now = reply
-            return Reservation(reservation_id, key_id, tokens, cost_pico, now / US)
+            _, reservation_id, now, requests, window_tokens = reply
+            return (Reservation(reservation_id, key_id, tokens, cost_pico, now / US), requests,
+                    window_tokens)
         _, now, spent, reserved, window_tokens, *flat = reply
         entries = deque(Admitted(ts / US, n) for ts, n in zip(flat[::2], flat[1::2]))
         window = Window(entries, window_tokens)

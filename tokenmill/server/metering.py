@@ -57,9 +57,9 @@ class Metering:
         limiter = self.state.limiter
 
         def admit() -> dict[str, str]:  # in a worker thread: a Redis limiter is a round trip
-            raw.state.reservation = limiter.reserve(principal.key_id, limits,
-                                                    prompt + completion, most, spent)
-            return limiter.headers(principal.key_id, limits)
+            raw.state.reservation, headers = limiter.reserve_with_headers(
+                principal.key_id, limits, prompt + completion, most, spent)
+            return headers
 
         try:
             return await asyncio.to_thread(admit)
@@ -111,17 +111,13 @@ class Metering:
             except StoreUnavailable:
                 pass  # still spooled; the next record written tries again
 
-    def release_unbilled(self, raw: Request) -> None:
+    async def release_unbilled(self, raw: Request) -> None:
         """A stream whose client left before its body started never reaches `bill`: give its
-        reservation back unused (nothing was generated, nothing is billed). Called from a
-        synchronous close callback on the event loop, so the limiter call is handed to a worker
-        thread, not awaited; a failure there is logged (the reservation then lapses with the
-        limiter's window)."""
+        reservation back unused (nothing was generated, nothing is billed). In a worker thread,
+        shielded as `bill`'s hand-back: it happens even if the response is being cancelled."""
         reservation = getattr(raw.state, "reservation", None)
         if reservation is not None and not getattr(raw.state, "billing", False):
-            released = asyncio.get_running_loop().run_in_executor(
-                None, self.state.limiter.finish, reservation, 0, 0)
-            released.add_done_callback(_log_release_failure)
+            await asyncio.shield(asyncio.to_thread(self.state.limiter.finish, reservation, 0, 0))
 
     async def bill_quietly(self, *args) -> None:
         """`bill` on a path that is already failing or ending: a store error is logged, never
@@ -131,7 +127,3 @@ class Metering:
         except APIError:
             pass
 
-
-def _log_release_failure(released: asyncio.Future) -> None:
-    if not released.cancelled() and released.exception() is not None:
-        log.error("an unbilled reservation was not released: %s", released.exception())

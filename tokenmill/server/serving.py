@@ -225,9 +225,9 @@ class OpenAIServing(ABC):
         if req.stream:
             body = self._stream(req, job, request_id, raw, timing)
 
-            def closed() -> None:
+            async def closed() -> None:
                 ticket.release()
-                self.metering.release_unbilled(raw)
+                await self.metering.release_unbilled(raw)
 
             response = sse.EventStreamResponse(body, on_close=closed)
             response.headers.update(headers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -41,7 +41,7 @@ class EventStreamResponse(StreamingResponse):
     whenever the garbage collector gets to it; `on_close` also covers a client that left before
     the generator started (then the generator's own `finally` never runs)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]):
         super().__init__(with_error_events(chunks), media_type=MEDIA_TYPE, headers=HEADERS)
         self.on_close = on_close
 
@@ -52,7 +52,7 @@ class EventStreamResponse(StreamingResponse):
             try:
                 await self.body_iterator.aclose()
             finally:
-                self.on_close()
+                await self.on_close()
 
 
 async def with_error_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -161,6 +161,14 @@ class GuardedLimiter(Limiter):
         except LimiterUnavailable:
             raise _refusal() from None
 
+    def reserve_with_headers(self, key_id: int, limits: Limits, tokens: int, cost_pico: int,
+                             spent_pico: int) -> tuple[Reservation, dict[str, str]]:
+        try:
+            return self._call(self.backend.reserve_with_headers, key_id, limits, tokens,
+                              cost_pico, spent_pico)
+        except LimiterUnavailable:
+            raise _refusal() from None
+
     def finish(self, reservation: Reservation, tokens: int, cost_pico: int) -> None:
         try:
             self._call(self.backend.finish, reservation, tokens, cost_pico)
