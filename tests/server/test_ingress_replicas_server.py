@@ -8,6 +8,8 @@ row per delivered response; hanging up through the proxy aborts the engine reque
 from __future__ import annotations
 
 import json
+import os
+import signal
 import secrets
 import socket
 import threading
@@ -165,3 +167,25 @@ def test_hanging_up_at_the_proxy_aborts_the_engine_request(application):
     before = cpu_seconds(engine)
     time.sleep(3)
     assert cpu_seconds(engine) - before < 1.0, "the engine replica kept generating"
+
+
+def test_a_killed_ingress_replica_is_replaced_and_the_other_serves_meanwhile(application):
+    """SIGKILL one ingress replica: the proxy sends new requests to the living one at once (a
+    request already routed to the dead one may fail, as a killed process's would) and Ray Serve
+    starts a replacement."""
+    _, app = application
+    victim, survivor = actors(app, "ingress")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    answers = [chat(app, app.key, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+               for _ in range(6)]
+    assert [r.status_code for r in answers[1:]] == [200] * 5, [r.text for r in answers]
+    assert survivor.is_running()
+    deadline = time.monotonic() + 120
+    while len(actors(app, "ingress")) < 2:
+        assert time.monotonic() < deadline, "the killed ingress replica was not replaced"
+        time.sleep(1)
+    deadline = time.monotonic() + 60
+    while httpx.get(app.base_url + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the application did not become healthy again"
+        time.sleep(1)
