@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +106,46 @@ def new_key(db: str, home, name: str, *options: str) -> str:
                           env={"TOKENMILL_HOME": str(home), "PATH": "/usr/bin:/bin"},
                           check=True, capture_output=True, text=True, timeout=120)
     return done.stdout.splitlines()[-1]
+
+
+@contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A prefix of the caller's own in the Redis at 127.0.0.1:6379 (skipping where it is not
+    reachable); every key under it is deleted afterwards."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"tokenmill-test:{secrets.token_hex(6)}:"  # nothing from an earlier run
+    try:
+        yield prefix
+    finally:
+        import redis
+
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        names = list(client.scan_iter(match=f"{prefix}*"))
+        if names:
+            client.delete(*names)
+        client.close()
+
+
+def hang_up_streams(server: Server, count: int) -> None:
+    """Start `count` long streams (900 tokens each, ignore_eos) at once and hang each up after
+    its first few events; returns when all are closed."""
+    def drop(i: int) -> None:
+        with httpx.stream("POST", server.v1 + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {server.key}"},
+                          json={"model": MODEL_ID, "stream": True, "max_tokens": 900,
+                                "ignore_eos": True,
+                                "messages": [{"role": "user", "content": f"Tell story {i}."}]}
+                          ) as r:
+            assert r.status_code == 200
+            for n, _ in enumerate(r.iter_lines()):
+                if n == 6:
+                    return  # leaving the block closes the connection: a hang-up
+
+    threads = [threading.Thread(target=drop, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)

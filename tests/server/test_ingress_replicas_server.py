@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import secrets
-import socket
 import threading
 import time
 from collections import Counter
@@ -20,33 +18,23 @@ import httpx
 import psutil
 import pytest
 
-from server_live import MAX_MODEL_LEN, MODEL_ID, new_key, start_server, stop_server
+from server_live import (MAX_MODEL_LEN, MODEL_ID, hang_up_streams, new_key, redis_prefix,
+                         start_server, stop_server)
 
 PROMPTS = ["Name a colour.", "What is 2 + 2?"]
 
 
 @pytest.fixture(scope="module")
 def application(default_model_path, tmp_path_factory, new_pg_database):
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    db = new_pg_database()
-    prefix = f"tokenmill-test:{secrets.token_hex(6)}:"
-    server = start_server(tmp_path_factory.mktemp("ingress"), [
-        "--model", str(default_model_path), "--max-model-len", str(MAX_MODEL_LEN),
-        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
-        "--ingress-replicas", "2", "--db", db, "--redis", "redis://127.0.0.1:6379/0",
-        "--redis-prefix", prefix])
-    yield db, server
-    stop_server(server)
-    import redis
-
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    names = list(client.scan_iter(match=f"{prefix}*"))
-    if names:
-        client.delete(*names)
-    client.close()
+    with redis_prefix() as prefix:
+        db = new_pg_database()
+        server = start_server(tmp_path_factory.mktemp("ingress"), [
+            "--model", str(default_model_path), "--max-model-len", str(MAX_MODEL_LEN),
+            "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
+            "--ingress-replicas", "2", "--db", db, "--redis", "redis://127.0.0.1:6379/0",
+            "--redis-prefix", prefix])
+        yield db, server
+        stop_server(server)
 
 
 def actors(server, deployment: str) -> list[psutil.Process]:
@@ -144,24 +132,7 @@ def test_hanging_up_at_the_proxy_aborts_the_engine_request(application):
     """Three long streams dropped after their first tokens: had the engine gone on (900 tokens
     each, ignore_eos) its replica would be busy for a minute; aborted, it sits idle."""
     _, app = application
-
-    def drop(i: int) -> None:
-        with httpx.stream("POST", app.v1 + "/chat/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {app.key}"},
-                          json={"model": MODEL_ID, "stream": True, "max_tokens": 900,
-                                "ignore_eos": True,
-                                "messages": [{"role": "user", "content": f"Tell story {i}."}]}
-                          ) as r:
-            assert r.status_code == 200
-            for n, _ in enumerate(r.iter_lines()):
-                if n == 6:
-                    return
-
-    threads = [threading.Thread(target=drop, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    hang_up_streams(app, 3)
     time.sleep(2)  # the cancellations cross the proxy, the ingress and the engine handle
     [engine] = actors(app, "engine-0")
     before = cpu_seconds(engine)

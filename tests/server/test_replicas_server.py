@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from server_live import MAX_MODEL_LEN, MODEL_ID, start_server, stop_server
+from server_live import MAX_MODEL_LEN, MODEL_ID, hang_up_streams, start_server, stop_server
 
 PROMPTS = ["Name a colour.", "What is 2 + 2?", "Write one word about the sea."]
 LONG_SYSTEM = "You answer in one short sentence, politely and precisely. " * 24  # ~300 tokens
@@ -113,23 +113,7 @@ def test_hanging_up_aborts_the_request_on_the_replica_that_runs_it(replicas):
     """Four long streams are dropped after their first tokens: had their replicas gone on
     generating (900 tokens each, ignore_eos), they would burn a core each for a minute; once
     aborted, the replicas' processes sit idle."""
-    def drop(i: int) -> None:
-        with httpx.stream("POST", replicas.v1 + "/chat/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {replicas.key}"},
-                          json={"model": MODEL_ID, "stream": True, "max_tokens": 900,
-                                "ignore_eos": True,
-                                "messages": [{"role": "user", "content": f"Tell story {i}."}]}
-                          ) as r:
-            assert r.status_code == 200
-            for n, _ in enumerate(r.iter_lines()):
-                if n == 6:
-                    return  # leaving the block closes the connection: a hang-up
-
-    threads = [threading.Thread(target=drop, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    hang_up_streams(replicas, 4)
     time.sleep(2)  # the cancellations reach the replicas
     processes = replica_processes(replicas)
     before = sum(p.cpu_times().user + p.cpu_times().system for p in processes)

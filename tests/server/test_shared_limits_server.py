@@ -7,39 +7,27 @@ Kept cheap for a 2-core CPU: the default model, one token per request.
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections import Counter
 
 import httpx
 import pytest
 
-from server_live import MODEL_ID, new_key, start_server, stop_server
+from server_live import MODEL_ID, new_key, redis_prefix, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def replicas(default_model_path, tmp_path_factory, new_pg_database):
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    db = new_pg_database()
-    prefix = f"tokenmill-test:{secrets.token_hex(6)}:"  # nothing from an earlier run
-    shared = ["--model", str(default_model_path), "--max-model-len", "512", "--kv-cache-gib",
-              "0.25", "--db", db, "--redis", "redis://127.0.0.1:6379/0", "--redis-prefix", prefix]
-    servers = [start_server(tmp_path_factory.mktemp(f"replica{i}"), shared) for i in range(2)]
-    yield db, servers
-    for server in servers:
-        stop_server(server)
-    import redis
-
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    names = list(client.scan_iter(match=f"{prefix}*"))
-    if names:
-        client.delete(*names)
-    client.close()
+    with redis_prefix() as prefix:
+        db = new_pg_database()
+        shared = ["--model", str(default_model_path), "--max-model-len", "512", "--kv-cache-gib",
+                  "0.25", "--db", db, "--redis", "redis://127.0.0.1:6379/0", "--redis-prefix",
+                  prefix]
+        servers = [start_server(tmp_path_factory.mktemp(f"replica{i}"), shared)
+                   for i in range(2)]
+        yield db, servers
+        for server in servers:
+            stop_server(server)
 
 
 def chat(server, key: str) -> httpx.Response:
