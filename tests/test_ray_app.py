@@ -73,3 +73,55 @@ def test_each_ingress_replica_takes_what_the_server_admits_not_ray_serves_defaul
     [engine] = engines
     assert (engine._bound_deployment.name, engine._bound_deployment.num_replicas) == (
         "engine-0", 3)
+
+
+def test_serve_run_of_the_shipped_config_serves_the_api(default_model_path, tmp_path):
+    """Ray Serve's own CLI runs deploy/ray-serve.yaml, its flags and proxy address made local
+    (no Redis or PostgreSQL, one replica of each), and the API answers through its proxy."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = yaml.safe_load(CONFIG.read_text())
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"]["flags"] = (
+        f"--model {default_model_path} --no-auth --replicas 1 --replica-threads 1 "
+        "--kv-cache-gib 0.25 --max-model-len 512")
+    local = tmp_path / "ray-serve.yaml"
+    local.write_text(yaml.safe_dump(config))
+    serve_cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
+    log = (tmp_path / "serve-run.log").open("w")
+    proc = subprocess.Popen(serve_cli + ["run", str(local)], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TOKENMILL_HOME=str(tmp_path)),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve run did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        os.killpg(proc.pid, 2)  # SIGINT: serve run deletes the application and stops Ray
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
