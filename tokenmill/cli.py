@@ -367,7 +367,9 @@ def replica_plan(args):
 
     try:
         return ReplicaPlan(low, high, args.target_ongoing_requests, threads,
-                           max_ongoing_requests=getattr(args, "max_num_seqs", None) or 256)
+                           max_ongoing_requests=getattr(args, "max_num_seqs", None) or 256,
+                           ranks=getattr(args, "tensor_parallel_size", 1),
+                           gpu_per_rank=getattr(args, "device", "auto") == "cuda")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -96,7 +96,7 @@ def test_two_ranks_sample_one_ranks_tokens_from_its_logits(tiny_checkpoint, real
     for got, want in zip(logits, expected_logits):
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=0, atol=RELATIVE_TOL * scale)
-    assert [p.exitcode for p in two.workers.processes] == [0]  # stopped by the message
+    assert [p.exitcode for p in two.workers.ranks.processes] == [0]  # stopped by the message
 
 
 def shard_weights(loaded) -> dict[str, torch.Tensor]:
@@ -167,7 +167,7 @@ def test_a_dead_worker_fails_the_step_loudly(tiny_checkpoint, real_tokenizer):
     try:
         engine.add_request("a", real_tokenizer.encode(PROMPTS[0]), GREEDY)
         engine.step()
-        worker = engine.workers.processes[0]
+        worker = engine.workers.ranks.processes[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
         started = time.monotonic()

@@ -65,3 +65,19 @@ def test_the_step_failure_bounds_of_serve_reach_each_engine_replica():
     app = engine_deployment(EngineConfig(model="m"), replica_plan(args), failures)
     config, bound = app._bound_deployment.init_args  # what each replica is constructed with
     assert bound == failures and config.num_threads == replica_plan(args).threads
+
+
+def test_a_replica_of_k_ranks_reserves_a_placement_group_of_k_bundles():
+    """Ray places a tensor-parallel replica's ranks: its actor in bundle 0, its workers in the
+    others, packed on one node while they fit, each with its share of the replica's threads."""
+    options = plan("--replicas", "2", "--replica-threads", "8", "--tensor-parallel-size",
+                   "4").deployment_options(16)
+    assert options["placement_group_bundles"] == [{"CPU": 2}] * 4
+    assert options["placement_group_strategy"] == "PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 2}  # fits bundle 0
+    gpus = plan("--replicas", "1", "--replica-threads", "2", "--tensor-parallel-size", "2",
+                "--device", "cuda").deployment_options(16)
+    assert gpus["placement_group_bundles"] == [{"CPU": 1, "GPU": 1}] * 2
+    assert gpus["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    one = plan("--replicas", "1", "--device", "cuda").deployment_options(16)
+    assert "placement_group_bundles" not in one and one["ray_actor_options"]["num_gpus"] == 1

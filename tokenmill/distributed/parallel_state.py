@@ -1,12 +1,13 @@
-"""Tensor parallelism on one node: the K ranks' process groups.
+"""Tensor parallelism: the K ranks' process groups.
 
 Rank 0 is the engine's process; ranks 1..K-1 are the workers it starts (distributed/worker.py).
-They meet at a TCPStore that rank 0 serves on 127.0.0.1 (a free port the OS picks) and build two
-groups over the same K ranks. Both are constructed directly, not through
-`torch.distributed.init_process_group`: nothing global is set, so one process may hold several
-engines' groups, and K = 1 touches none of this.
+They meet at a TCPStore that rank 0 serves on a free port the OS picks, on 127.0.0.1 when the
+ranks are local processes, on rank 0's node address when Ray places them (across nodes), and
+build two groups over the same K ranks, each rank's gloo bound to its own address. Both are
+constructed directly, not through `torch.distributed.init_process_group`: nothing global is
+set, so one process may hold several engines' groups, and K = 1 touches none of this.
 
-- `device`: the forward's all-reduces; gloo on the CPU, nccl on CUDA (rank r on cuda:r). Its
+- `device`: the forward's all-reduces; gloo on the CPU, nccl on CUDA (worker.rank_device). Its
   timeout (COLLECTIVE_TIMEOUT) bounds how long a rank waits for one that hangs mid-step; a rank
   that dies is noticed at once, since its connections close (gloo: "Connection closed by peer").
 - `control`: gloo over TCP, rank 0's broadcast of each step's inputs. Workers wait in it while the
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-HOST = "127.0.0.1"
+LOCAL_HOST = "127.0.0.1"
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 IDLE_TIMEOUT = timedelta(days=365)
 
@@ -64,35 +65,39 @@ class TensorParallelGroup:
         self.control.allreduce([torch.zeros(1)]).wait()
 
 
-def serve_store(size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous point, on a free port of 127.0.0.1 (`.port`); returns at once."""
-    return dist.TCPStore(HOST, 0, size, True, COLLECTIVE_TIMEOUT, wait_for_workers=False)
+def serve_store(host: str, size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous point, on a free port of `host` (`.port`); returns at once."""
+    return dist.TCPStore(host, 0, size, True, COLLECTIVE_TIMEOUT, wait_for_workers=False)
 
 
-def join_store(port: int, size: int) -> dist.TCPStore:
+def join_store(host: str, port: int, size: int) -> dist.TCPStore:
     """A worker's connection to rank 0's store."""
-    return dist.TCPStore(HOST, port, size, False, COLLECTIVE_TIMEOUT)
+    return dist.TCPStore(host, port, size, False, COLLECTIVE_TIMEOUT)
 
 
-def connect(store: dist.Store, rank: int, size: int, device: torch.device) -> TensorParallelGroup:
-    """Build this rank's groups; returns once all `size` ranks have joined (or raises after
-    COLLECTIVE_TIMEOUT)."""
+def connect(store: dist.Store, rank: int, size: int, device: torch.device,
+            host: str) -> TensorParallelGroup:
+    """Build this rank's groups, gloo's over this rank's address `host`; returns once all
+    `size` ranks have joined (or raises after COLLECTIVE_TIMEOUT)."""
     return TensorParallelGroup(rank, size,
-                               _device_group(store, rank, size, device),
-                               _gloo(dist.PrefixStore("control", store), rank, size, IDLE_TIMEOUT))
+                               _device_group(store, rank, size, device, host),
+                               _gloo(dist.PrefixStore("control", store), rank, size, IDLE_TIMEOUT,
+                                     host))
 
 
-def _device_group(store: dist.Store, rank: int, size: int, device: torch.device) -> dist.Backend:
+def _device_group(store: dist.Store, rank: int, size: int, device: torch.device,
+                  host: str) -> dist.Backend:
     store = dist.PrefixStore("device", store)
     if device.type == "cuda":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = COLLECTIVE_TIMEOUT
         return dist.ProcessGroupNCCL(store, rank, size, options)
-    return _gloo(store, rank, size, COLLECTIVE_TIMEOUT)
+    return _gloo(store, rank, size, COLLECTIVE_TIMEOUT, host)
 
 
-def _gloo(store: dist.Store, rank: int, size: int, timeout: timedelta) -> dist.Backend:
+def _gloo(store: dist.Store, rank: int, size: int, timeout: timedelta,
+          host: str) -> dist.Backend:
     options = dist.ProcessGroupGloo._Options()
     options._timeout = timeout
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=HOST)]
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(store, rank, size, options)

@@ -1,10 +1,13 @@
 """Tensor parallelism, execution: rank 0's handle on its workers, and the workers' loop.
 
-One node, K ranks, as vLLM's multiprocessing executor: rank 0 is the engine's own process
-(scheduler, sampler, detokenizer, everything as with one rank); `TensorParallelWorkers` starts
-ranks 1..K-1 with torch.multiprocessing (spawn). Every rank opens the model, keeps its shard of
-it (`load_rank`) and of the KV cache, and builds a ModelRunner over them exactly as rank 0 does.
-Then each step:
+K ranks, as vLLM's executors: rank 0 is the engine's own process (scheduler, sampler,
+detokenizer, everything as with one rank); `TensorParallelWorkers` starts ranks 1..K-1 where the
+engine runs:
+- in a Ray placement group (an engine replica on Ray Serve, whose deployment reserved K
+  bundles): as Ray actors in bundles 1..K-1, which Ray may put on other nodes (ray_ranks.py);
+- anywhere else: as local processes, with torch.multiprocessing (spawn), `RankProcesses`.
+Every rank opens the model, keeps its shard of it (`load_rank`) and of the KV cache, and builds
+a ModelRunner over them exactly as rank 0 does. Then each step:
 
     rank 0:   schedule -> StepInputs -> broadcast -> forward (all-reduces) -> logits -> sample
     rank r:                     receive ----------> forward (all-reduces)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -33,8 +37,9 @@ import torch.multiprocessing as mp
 
 from tokenmill.config import CacheConfig
 from tokenmill.distributed.parallel_linear import TensorShard, install_all_reduce
-from tokenmill.distributed.parallel_state import (COLLECTIVE_TIMEOUT, TensorParallelGroup, connect,
-                                                  join_store, serve_store)
+from tokenmill.distributed.parallel_state import (COLLECTIVE_TIMEOUT, LOCAL_HOST,
+                                                  TensorParallelGroup, connect, join_store,
+                                                  serve_store)
 from tokenmill.models.loader import LoadedModel, OpenedModel, load_weights, open_model
 from tokenmill.runner.input_batch import StepInputs
 from tokenmill.runner.model_runner import ModelRunner
@@ -63,10 +68,70 @@ class WorkerSpec:
     quantization: str  # resolved (never auto)
     kv_dtype: torch.dtype
     log_level: int  # rank 0's, for the workers' logs
+    store_host: str  # where rank 0 serves the rendezvous (its address as the workers reach it)
+    placed_by_ray: bool  # each rank a Ray actor with a GPU of its own (its cuda:0), or local
 
 
-def rank_device(device_type: str, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device_type == "cuda" else torch.device(device_type)
+def rank_device(spec: WorkerSpec, rank: int) -> torch.device:
+    """Local ranks share the host's GPUs (rank r on cuda:r); a Ray actor sees only its own."""
+    if spec.device_type != "cuda":
+        return torch.device(spec.device_type)
+    return torch.device("cuda", 0 if spec.placed_by_ray else rank)
+
+
+class RankProcesses:
+    """Ranks 1..K-1 as local processes (torch.multiprocessing, spawn), daemons: they never
+    outlive this interpreter."""
+
+    def __init__(self, spec: WorkerSpec, port: int):
+        context = mp.get_context("spawn")
+        self.processes = [context.Process(target=run_worker,
+                                          args=(rank, spec, port, LOCAL_HOST),
+                                          name=f"tokenmill-tp{rank}", daemon=True)
+                          for rank in range(1, spec.size)]
+        for process in self.processes:
+            process.start()
+
+    def describe(self) -> str:
+        return "pids " + ", ".join(str(p.pid) for p in self.processes)
+
+    def dead(self) -> str | None:
+        """Why the first rank that exited did, or None while all run."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                return (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with "
+                        f"code {process.exitcode}; the engine cannot run without it")
+        return None
+
+    def stop(self) -> None:
+        """Wait for each to exit, then terminate, then kill what is left."""
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.terminate()
+                process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def in_ray_placement_group() -> bool:
+    """Whether this process is a Ray actor or task in a placement group (never imports Ray: a
+    process that has not imported it is not one)."""
+    if "ray" not in sys.modules:
+        return False
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group() is not None
+
+
+def engine_host(placed_by_ray: bool) -> str:
+    """This process's address for the rendezvous and gloo: its node's, when Ray places ranks."""
+    if not placed_by_ray:
+        return LOCAL_HOST
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
 
 
 def load_rank(opened: OpenedModel, group: TensorParallelGroup, dtype: torch.dtype,
@@ -86,21 +151,22 @@ class TensorParallelWorkers:
         each then loads its shard, which `wait_ready` waits for)."""
         self.spec = spec
         self._stopped = False
-        self._store = serve_store(spec.size)  # the rendezvous, kept while the workers run
-        context = mp.get_context("spawn")
-        self.processes = [context.Process(target=run_worker,
-                                          args=(rank, spec, self._store.port),
-                                          name=f"tokenmill-tp{rank}", daemon=True)
-                          for rank in range(1, spec.size)]
-        for process in self.processes:
-            process.start()
+        # the rendezvous, kept while the workers run
+        self._store = serve_store(spec.store_host, spec.size)
+        if spec.placed_by_ray:
+            from tokenmill.distributed.ray_ranks import RayRanks
+
+            self.ranks = RayRanks(spec, self._store.port)
+        else:
+            self.ranks = RankProcesses(spec, self._store.port)
         try:
             self._wait_started()
-            self.group = connect(self._store, 0, spec.size, rank_device(spec.device_type, 0))
+            self.group = connect(self._store, 0, spec.size, rank_device(spec, 0),
+                                 spec.store_host)
         except BaseException as exc:
             self._fail(exc)
-        log.info("tensor parallelism: %d ranks, workers' pids %s, %d torch threads each",
-                 spec.size, ", ".join(str(p.pid) for p in self.processes), spec.num_threads)
+        log.info("tensor parallelism: %d ranks, workers' %s, %d torch threads each",
+                 spec.size, self.ranks.describe(), spec.num_threads)
 
     def _wait_started(self) -> None:
         """Wait until every worker has started and reached the store, so that one failing on
@@ -146,23 +212,11 @@ class TensorParallelWorkers:
             try:
                 self.group.broadcast(None)
             except RuntimeError:
-                pass  # a rank left meanwhile: terminated below
-        for process in self.processes:
-            process.join(STOP_TIMEOUT_S)
-            if process.is_alive():
-                process.terminate()
-                process.join(STOP_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
+                pass  # a rank left meanwhile: stopped below
+        self.ranks.stop()
 
     def _dead(self) -> str | None:
-        """Why the first worker that exited did, or None while all run."""
-        for rank, process in enumerate(self.processes, start=1):
-            if not process.is_alive():
-                return (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with "
-                        f"code {process.exitcode}; the engine cannot run without it")
-        return None
+        return self.ranks.dead()
 
     def _fail(self, cause: BaseException) -> NoReturn:
         """Stop the workers after a failure to start them, naming a dead one if there is."""
@@ -173,18 +227,19 @@ class TensorParallelWorkers:
         raise cause
 
 
-def run_worker(rank: int, spec: WorkerSpec, port: int) -> None:
-    """A worker's life (its own process): join the groups, build this rank's model and KV cache,
-    then run the forward of every step rank 0 broadcasts until it sends None."""
+def run_worker(rank: int, spec: WorkerSpec, port: int, host: str) -> None:
+    """A worker's life (its own process): join the groups (over this rank's address `host`),
+    build this rank's model and KV cache, then run the forward of every step rank 0 broadcasts
+    until it sends None."""
     logging.basicConfig(level=spec.log_level,
                         format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
-    device = rank_device(spec.device_type, rank)
+    device = rank_device(spec, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(spec.num_threads)
-    store = join_store(port, spec.size)
+    store = join_store(spec.store_host, port, spec.size)
     store.set(f"started/{rank}", str(os.getpid()))
-    group = connect(store, rank, spec.size, device)
+    group = connect(store, rank, spec.size, device, host)
     loaded = load_rank(open_model(spec.model, spec.max_model_len), group, spec.dtype, device)
     runner = ModelRunner(loaded, spec.cache, device, spec.dtype, owns_model=True,
                          quantization=spec.quantization, kv_dtype=spec.kv_dtype)

@@ -29,7 +29,8 @@ import torch
 
 from tokenmill.config import EngineConfig, resolve_device, resolve_dtype
 from tokenmill.distributed.parallel_linear import shard_config
-from tokenmill.distributed.worker import TensorParallelWorkers, WorkerSpec, load_rank
+from tokenmill.distributed.worker import (TensorParallelWorkers, WorkerSpec, engine_host,
+                                          in_ray_placement_group, load_rank)
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import FINISH_REASONS, Request, RequestStatus, choice_id
@@ -112,10 +113,12 @@ class LLMEngine:
         self.max_model_len = self.config.scheduler.max_model_len
         self.workers: TensorParallelWorkers | None = None  # ranks 1..K-1 when K > 1
         if tp_size > 1:
+            placed_by_ray = in_ray_placement_group()
             self.workers = TensorParallelWorkers(WorkerSpec(
                 config.model, config.max_model_len, tp_size, dtype, device.type,
                 torch.get_num_threads(), self.config.cache, quantization, kv_dtype,
-                logging.getLogger().getEffectiveLevel()))
+                logging.getLogger().getEffectiveLevel(), engine_host(placed_by_ray),
+                placed_by_ray))
         try:
             if self.workers is not None:
                 loaded = load_rank(opened, self.workers.group, dtype, device)

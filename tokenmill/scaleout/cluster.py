@@ -40,21 +40,42 @@ class ReplicaPlan:
     min_replicas: int
     max_replicas: int  # == min_replicas: a fixed count, no autoscaling
     target_ongoing_requests: float  # per replica, what autoscaling steers to
-    threads: int  # torch threads per replica (and the CPUs it reserves in Ray)
+    threads: int  # torch threads per replica, all its ranks together (the CPUs it reserves)
     max_ongoing_requests: int  # per replica, beyond which Ray Serve routes elsewhere or queues
+    ranks: int = 1  # tensor-parallel ranks per replica (--tensor-parallel-size)
+    gpu_per_rank: bool = False  # --device cuda: each rank reserves a GPU of its own
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"replicas must satisfy 1 <= min ({self.min_replicas}) <= max "
                              f"({self.max_replicas})")
 
+    @property
+    def rank_cpus(self) -> int:
+        """What each rank reserves: its share of the replica's threads, as the engine divides
+        them."""
+        return max(1, self.threads // self.ranks)
+
+    @property
+    def replica_cpus(self) -> int:
+        return self.rank_cpus * self.ranks
+
     def deployment_options(self, block_size: int) -> dict:
+        """Ray Serve's options of the engine deployment. A replica of K > 1 ranks reserves a
+        placement group of K bundles, one per rank (its own actor takes bundle 0, its workers
+        the others: distributed/ray_ranks.py), packed on one node while they fit."""
         scaling = ({"num_replicas": self.min_replicas} if self.min_replicas == self.max_replicas
                    else {"autoscaling_config": AutoscalingConfig(
                        min_replicas=self.min_replicas, max_replicas=self.max_replicas,
                        target_ongoing_requests=self.target_ongoing_requests)})
-        return {**scaling, "max_ongoing_requests": self.max_ongoing_requests,
-                "ray_actor_options": {"num_cpus": self.threads},
+        rank_cpus = self.rank_cpus
+        actor = {"num_cpus": rank_cpus} | ({"num_gpus": 1} if self.gpu_per_rank else {})
+        placement = {} if self.ranks == 1 else {
+            "placement_group_bundles": [
+                {"CPU": rank_cpus} | ({"GPU": 1} if self.gpu_per_rank else {})] * self.ranks,
+            "placement_group_strategy": "PACK"}
+        return {**scaling, **placement, "max_ongoing_requests": self.max_ongoing_requests,
+                "ray_actor_options": actor,
                 "health_check_period_s": 5, "health_check_timeout_s": 30,
                 "request_router_config": RequestRouterConfig(
                     request_router_class=ROUTER,
@@ -68,7 +89,7 @@ def start_cluster(address: str | None, plan: ReplicaPlan, http: tuple[str, int] 
     ingress is a deployment (tokenmill/ray_app.py), else without (this process is the ingress)."""
     if address is None:  # logical CPUs: the reservations must fit, whatever the cores
         cpus = max(os.cpu_count() or 1,
-                   plan.max_replicas * plan.threads + ingress_replicas * INGRESS_CPUS)
+                   plan.max_replicas * plan.replica_cpus + ingress_replicas * INGRESS_CPUS)
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray cluster with %d logical CPUs", cpus)
     else:
