@@ -111,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "process is the one ingress); M > 1 needs --redis")
     serve.add_argument("--max-model-len", type=int, **opt)
     serve.add_argument("--tensor-parallel-size", type=int, metavar="K",
-                       help="split each model's attention heads and MLP over K processes on "
-                            "this host (torch.distributed; K must divide the query and "
-                            "key-value heads); on a CPU each gets 1/K of the threads "
-                            "(default: 1, one process)", **opt)
+                       help="split each model's attention heads and MLP over K processes "
+                            "(torch.distributed; K must divide the query and key-value heads): "
+                            "on this host, or with --replicas in each replica's Ray placement "
+                            "group of K bundles, across nodes if need be; on a CPU each gets "
+                            "1/K of the threads (default: 1, one process)", **opt)
     serve.add_argument("--max-num-seqs", type=int, **opt)
     serve.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                        help="token budget of one engine step (decodes + prefill chunks)", **opt)
