@@ -1,28 +1,93 @@
-"""Tensor-parallel ranks placed by Ray: `tokenmill serve --replicas 1 --tensor-parallel-size 2`
-makes each engine replica a placement group of 2 bundles, the replica's actor rank 0 and a Ray
-actor rank 1. It answers as one process of one rank does; a rank killed fails its replica's
-requests with an OpenAI error, and Ray Serve replaces the replica, ranks and all."""
+"""Tensor-parallel ranks placed by Ray (distributed/ray_ranks.py), on a local Ray of 4 CPUs: an
+engine of 2 ranks in a Ray actor in bundle 0 of a placement group of 2 CPU bundles (as Ray Serve
+places an engine replica), its rank 1 a Ray actor in bundle 1. It samples one rank's greedy
+tokens, and a killed rank 1 fails its next step naming it. Outside a placement group the ranks
+stay local processes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import time
 
-import httpx
 import psutil
 import pytest
-from server.server_live import start_server, stop_server  # tests/ is on sys.path
+import torch
 
-pytest.importorskip("ray", reason="Ray Serve (tokenmill[scale]) is not installed")
+from tokenmill.config import EngineConfig
+from tokenmill.distributed.parallel_state import COLLECTIVE_TIMEOUT
+from tokenmill.distributed.worker import WorkerDiedError, in_ray_placement_group
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.sampling_params import SamplingParams
 
-BODY = {"temperature": 0, "max_tokens": 16,
-        "messages": [{"role": "user", "content": "Name three rivers."}]}
+ray = pytest.importorskip("ray", reason="Ray (tokenmill[scale]) is not installed: no placement "
+                                        "groups to run ranks in")
+from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+
+PROMPTS = ("The mill stood by the river for three hundred years.",
+           "Paris, Berlin, Madrid, Rome,")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+# a dead rank is reported at once; a hung one only after the groups' timeout
+AT_ONCE_S = COLLECTIVE_TIMEOUT.total_seconds() / 2
 
 
-def rank_actors(server) -> list[psutil.Process]:
+def engine_config(path, k: int) -> EngineConfig:
+    """K ranks of one torch thread each."""
+    return EngineConfig(model=str(path), dtype="float32", device="cpu", max_model_len=256,
+                        kv_cache_gib=0.01, num_threads=k, tensor_parallel_size=k)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+class RemoteEngine:
+    """An engine in a Ray actor, called as a local one (each call bounded by AT_ONCE_S)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name: str):
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args), timeout=AT_ONCE_S)
+
+
+@pytest.fixture
+def placed_engine(local_ray, tiny_checkpoint):
+    """An LLMEngine of 2 ranks in an actor in bundle 0 of a new placement group of 2 bundles, as
+    Ray Serve places an engine replica; the group is removed afterwards."""
+    group = placement_group([{"CPU": 1}] * 2, strategy="PACK")  # as ReplicaPlan reserves
+    ray.get(group.ready(), timeout=60)
+    engine = ray.remote(LLMEngine).options(
+        num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True),
+    ).remote(engine_config(tiny_checkpoint("qwen2"), 2))
+    ray.get(engine.__ray_ready__.remote(), timeout=120)  # constructed: both ranks loaded
+    yield RemoteEngine(engine)
+    remove_placement_group(group)  # kills the engine's actor and its rank's
+
+
+def generate(engine: LLMEngine | RemoteEngine, prompts: list[list[int]]) -> dict[str, list[int]]:
+    """Greedy continuations of `prompts`, batched."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, GREEDY)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def rank_processes() -> list[psutil.Process]:
+    """This test's Ray actors running a tensor-parallel rank (its local Ray's are children of
+    this process)."""
     found = []
-    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
             if any("TensorParallelRank" in part for part in proc.cmdline()):
                 found.append(proc)
@@ -31,52 +96,32 @@ def rank_actors(server) -> list[psutil.Process]:
     return found
 
 
-def ask(server, model: str) -> httpx.Response:
-    return httpx.post(server.v1 + "/chat/completions", json={"model": model, **BODY}, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def placed(tiny_checkpoint, tmp_path_factory):
-    path = tiny_checkpoint("qwen2")
-    server = start_server(tmp_path_factory.mktemp("ray-tp"), [
-        "--model", str(path), "--no-auth", "--kv-cache-gib", "0.01", "--max-model-len", "256",
-        "--replicas", "1", "--replica-threads", "2", "--tensor-parallel-size", "2"])
-    yield path, server
-    stop_server(server)
-
-
-def test_a_replica_of_two_ray_placed_ranks_answers_as_one_rank(placed, tmp_path):
-    path, server = placed
-    home = tmp_path / "one"
-    home.mkdir()
-    one = start_server(home, ["--model", str(path), "--no-auth", "--kv-cache-gib", "0.01",
-                              "--max-model-len", "256"])
+def test_ranks_in_a_placement_group_sample_one_ranks_tokens(placed_engine, tiny_checkpoint,
+                                                            real_tokenizer):
+    prompts = [real_tokenizer.encode(p) for p in PROMPTS]
+    threads = torch.get_num_threads()
     try:
-        expected = ask(one, path.name)
-        assert expected.status_code == 200, expected.text
+        expected = generate(LLMEngine(engine_config(tiny_checkpoint("qwen2"), 1)), prompts)
     finally:
-        stop_server(one)
-    reply = ask(server, path.name)
-    assert reply.status_code == 200, reply.text
-    assert (reply.json()["choices"][0]["message"]["content"]
-            == expected.json()["choices"][0]["message"]["content"])
-    assert len(rank_actors(server)) == 1  # rank 1, a Ray actor; rank 0 is the replica
+        torch.set_num_threads(threads)
+    assert generate(placed_engine, prompts) == expected
+    assert all(len(t) == GREEDY.max_tokens for t in expected.values())
+    assert len(rank_processes()) == 1  # rank 1; rank 0 is the engine's actor
+    placed_engine.shutdown()
+    psutil.wait_procs(rank_processes(), timeout=AT_ONCE_S)
+    assert rank_processes() == []  # its actor stopped (by the stop message, then killed)
 
 
-def test_a_killed_rank_fails_its_replica_which_ray_serve_replaces(placed):
-    path, server = placed
-    [rank] = rank_actors(server)
+def test_a_killed_rank_fails_the_next_step_naming_it(placed_engine, real_tokenizer):
+    placed_engine.add_request("a", real_tokenizer.encode(PROMPTS[0]), GREEDY)
+    placed_engine.step()
+    [rank] = rank_processes()
     os.kill(rank.pid, signal.SIGKILL)
-    failed = ask(server, path.name)
-    assert failed.status_code == 503, failed.text
-    assert failed.json()["error"]["code"] == "engine_unavailable"
-    deadline = time.monotonic() + 180
-    while True:  # the health check fails, the replica and its placement group are replaced
-        assert time.monotonic() < deadline, "the replica was not replaced"
-        reply = ask(server, path.name)
-        if reply.status_code == 200:
-            break
-        assert reply.status_code == 503, reply.text
-        time.sleep(2)
-    [new_rank] = rank_actors(server)
-    assert new_rank.pid != rank.pid
+    with pytest.raises(WorkerDiedError, match=r"worker rank 1 \(a Ray actor\) ended \(Actor"):
+        placed_engine.step()  # at once, not after the groups' timeout (AT_ONCE_S bounds it)
+    placed_engine.shutdown()  # safe after a rank died
+
+
+def test_outside_a_placement_group_ranks_are_local_processes(local_ray):
+    assert ray.is_initialized() and not in_ray_placement_group()
+

@@ -1,11 +1,17 @@
 """Tensor parallelism, execution: rank 0's handle on its workers, and the workers' loop.
 
 K ranks, as vLLM's executors: rank 0 is the engine's own process (scheduler, sampler,
-detokenizer, everything as with one rank); `TensorParallelWorkers` starts ranks 1..K-1 where the
-engine runs:
-- in a Ray placement group (an engine replica on Ray Serve, whose deployment reserved K
-  bundles): as Ray actors in bundles 1..K-1, which Ray may put on other nodes (ray_ranks.py);
-- anywhere else: as local processes, with torch.multiprocessing (spawn), `RankProcesses`.
+detokenizer, everything as with one rank); `TensorParallelWorkers` starts ranks 1..K-1 with one
+of two launchers (`RankLauncher`), chosen by one rule (`in_ray_placement_group`):
+- if Ray is initialized in the engine's process and that process runs in a placement group
+  (`ray.util.get_current_placement_group()` is not None: an engine replica on Ray Serve, whose
+  deployment reserved K bundles, scaleout/cluster.py `ReplicaPlan`): Ray actors in bundles 1..K-1,
+  which Ray may put on other nodes (ray_ranks.RayRanks). The ranks meet at rank 0's node
+  address, each binding gloo to its own node's.
+- otherwise: local processes, with torch.multiprocessing (spawn), `RankProcesses`, meeting at
+  127.0.0.1 (LOCAL_HOST).
+Only ray_ranks.py imports Ray, and it is imported only by a process that already has Ray.
+
 Every rank opens the model, keeps its shard of it (`load_rank`) and of the KV cache, and builds
 a ModelRunner over them exactly as rank 0 does. Then each step:
 
@@ -16,21 +22,26 @@ After the last all-reduce the hidden state is the same on every rank, so only ra
 logits. A broadcast of None ends the workers (`shutdown`).
 
 Faults. A worker that dies closes its connections: rank 0's next broadcast or all-reduce raises
-at once, the engine's step fails and `check` names the dead rank and its exit code; under tensor
-parallelism a failed step is fatal to the engine (the ranks may be out of step), so the server's
-engine is declared dead and it exits (status 3). A rank that hangs makes the others' all-reduce
-raise after COLLECTIVE_TIMEOUT. If rank 0 dies, the workers' wait for the next step raises and
-they exit; they are daemons, so they never outlive rank 0's interpreter either.
+at once, the engine's step fails and `check` names the dead rank and why it ended (its exit code,
+or its actor's error), waiting up to DEATH_NOTICE_S for the death to be known (Ray learns of an
+actor's a few milliseconds after its connections close; of a lost node's, only after its health
+checks, and then the collective's own error is raised). Under tensor parallelism a failed step is
+fatal to the engine (the ranks may be out of step), so the server's engine is declared dead and
+it exits (status 3). A rank that hangs makes the others' all-reduce raise after
+COLLECTIVE_TIMEOUT. If rank 0 dies, the workers' wait for the next step raises and they exit;
+they never outlive rank 0 either: local processes are daemons of its interpreter, Ray actors are
+owned by its actor, and Ray ends an actor's actors with it.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import torch
 import torch.multiprocessing as mp
@@ -47,10 +58,11 @@ from tokenmill.runner.model_runner import ModelRunner
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10  # for a worker to exit after the stop message, before it is terminated
+DEATH_NOTICE_S = 5  # after a failed collective, for a worker's death to be known (see Faults)
 
 
 class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker process exited while the engine needed it."""
+    """A tensor-parallel worker (a process or a Ray actor) ended while the engine needed it."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,8 @@ class WorkerSpec:
     quantization: str  # resolved (never auto)
     kv_dtype: torch.dtype
     log_level: int  # rank 0's, for the workers' logs
-    store_host: str  # where rank 0 serves the rendezvous (its address as the workers reach it)
-    placed_by_ray: bool  # each rank a Ray actor with a GPU of its own (its cuda:0), or local
+    store_host: str = LOCAL_HOST  # where rank 0 serves the rendezvous, as the workers reach it
+    placed_by_ray: bool = False  # each rank a Ray actor with a GPU of its own (its cuda:0)
 
 
 def rank_device(spec: WorkerSpec, rank: int) -> torch.device:
@@ -77,6 +89,31 @@ def rank_device(spec: WorkerSpec, rank: int) -> torch.device:
     if spec.device_type != "cuda":
         return torch.device(spec.device_type)
     return torch.device("cuda", 0 if spec.placed_by_ray else rank)
+
+
+class RankLauncher(Protocol):
+    """How ranks 1..K-1 run: started by the constructor, given the WorkerSpec and the port of
+    rank 0's store (each then runs `run_worker`), watched, and stopped. Rank r is the r-th
+    worker; a rank is dead once its `run_worker` has ended, whether it returned or not."""
+
+    def describe(self) -> str:
+        """Where the workers run, for the log."""
+
+    def dead(self, timeout: float = 0) -> str | None:
+        """Why the first rank that ended did, naming the rank; None if all still run after
+        waiting up to `timeout` s for one to end."""
+
+    def stop(self) -> None:
+        """Give the workers STOP_TIMEOUT_S to end (after the stop message), then end them."""
+
+
+def launch_ranks(spec: WorkerSpec, port: int) -> RankLauncher:
+    """Start ranks 1..K-1 with the launcher the module docstring's rule chose for `spec`."""
+    if spec.placed_by_ray:
+        from tokenmill.distributed.ray_ranks import RayRanks
+
+        return RayRanks(spec, port)
+    return RankProcesses(spec, port)
 
 
 class RankProcesses:
@@ -95,8 +132,8 @@ class RankProcesses:
     def describe(self) -> str:
         return "pids " + ", ".join(str(p.pid) for p in self.processes)
 
-    def dead(self) -> str | None:
-        """Why the first rank that exited did, or None while all run."""
+    def dead(self, timeout: float = 0) -> str | None:
+        multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout)
         for rank, process in enumerate(self.processes, start=1):
             if not process.is_alive():
                 return (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with "
@@ -116,22 +153,22 @@ class RankProcesses:
 
 
 def in_ray_placement_group() -> bool:
-    """Whether this process is a Ray actor or task in a placement group (never imports Ray: a
-    process that has not imported it is not one)."""
+    """The launcher rule: whether Ray places this engine's workers (see the module docstring).
+    Never imports Ray: a process that has not imported it runs in no placement group."""
     if "ray" not in sys.modules:
         return False
-    from ray.util import get_current_placement_group
+    from tokenmill.distributed.ray_ranks import in_placement_group
 
-    return get_current_placement_group() is not None
+    return in_placement_group()
 
 
 def engine_host(placed_by_ray: bool) -> str:
-    """This process's address for the rendezvous and gloo: its node's, when Ray places ranks."""
+    """Rank 0's address for the rendezvous and gloo: its node's, when Ray places the ranks."""
     if not placed_by_ray:
         return LOCAL_HOST
-    from ray.util import get_node_ip_address
+    from tokenmill.distributed.ray_ranks import node_address
 
-    return get_node_ip_address()
+    return node_address()
 
 
 def load_rank(opened: OpenedModel, group: TensorParallelGroup, dtype: torch.dtype,
@@ -153,12 +190,7 @@ class TensorParallelWorkers:
         self._stopped = False
         # the rendezvous, kept while the workers run
         self._store = serve_store(spec.store_host, spec.size)
-        if spec.placed_by_ray:
-            from tokenmill.distributed.ray_ranks import RayRanks
-
-            self.ranks = RayRanks(spec, self._store.port)
-        else:
-            self.ranks = RankProcesses(spec, self._store.port)
+        self.ranks: RankLauncher = launch_ranks(spec, self._store.port)
         try:
             self._wait_started()
             self.group = connect(self._store, 0, spec.size, rank_device(spec, 0),
@@ -197,8 +229,10 @@ class TensorParallelWorkers:
             raise
 
     def check(self, cause: BaseException | None = None) -> None:
-        """Raise WorkerDiedError, naming the rank and its exit code, if a worker has exited."""
-        dead = self._dead()
+        """Raise WorkerDiedError, naming the rank and why it ended, if a worker has. After a
+        failure (`cause`, a collective's maybe) wait up to DEATH_NOTICE_S for a death to be
+        known; without one, only look."""
+        dead = self.ranks.dead(0 if cause is None else DEATH_NOTICE_S)
         if dead is not None:
             raise WorkerDiedError(dead) from cause
 
@@ -208,19 +242,16 @@ class TensorParallelWorkers:
         if self._stopped:
             return
         self._stopped = True
-        if hasattr(self, "group") and self._dead() is None:
+        if hasattr(self, "group") and self.ranks.dead() is None:
             try:
                 self.group.broadcast(None)
             except RuntimeError:
                 pass  # a rank left meanwhile: stopped below
         self.ranks.stop()
 
-    def _dead(self) -> str | None:
-        return self.ranks.dead()
-
     def _fail(self, cause: BaseException) -> NoReturn:
         """Stop the workers after a failure to start them, naming a dead one if there is."""
-        dead = self._dead()
+        dead = self.ranks.dead(DEATH_NOTICE_S)
         self.shutdown()
         if dead is not None:
             raise WorkerDiedError(dead) from cause

@@ -198,9 +198,9 @@ class LLMEngine:
             outputs, stopped = self.output_processor.process(updated, runner_out)
             if stopped:  # stop strings end requests after the scheduler has seen the token
                 self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        except Exception:
+        except Exception as exc:
             if self.workers is not None:  # the ranks may be out of step: fatal, not recovered
-                self.workers.check()  # a worker that died: which, and its exit code
+                self.workers.check(exc)  # a worker that died: which, and why
                 raise
             group_ids = list(dict.fromkeys(s.request.group_id for s in sched_out.scheduled))
             log.exception("a step failed; ending the %d requests it ran: %s", len(group_ids),
