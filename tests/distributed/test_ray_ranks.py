@@ -13,6 +13,7 @@ import signal
 import psutil
 import pytest
 import torch
+from server.server_live import descendants_running  # tests/ is on sys.path
 
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.parallel_state import COLLECTIVE_TIMEOUT
@@ -86,14 +87,7 @@ def generate(engine: LLMEngine | RemoteEngine, prompts: list[list[int]]) -> dict
 def rank_processes() -> list[psutil.Process]:
     """This test's Ray actors running a tensor-parallel rank (its local Ray's are children of
     this process)."""
-    found = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if any("TensorParallelRank" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return descendants_running(os.getpid(), "TensorParallelRank")
 
 
 def test_ranks_in_a_placement_group_sample_one_ranks_tokens(placed_engine, tiny_checkpoint,

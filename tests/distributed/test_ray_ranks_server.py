@@ -12,7 +12,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server.server_live import start_server, stop_server  # tests/ is on sys.path
+from server.server_live import descendants_running, start_server, stop_server  # tests/ on path
 
 pytest.importorskip("ray", reason="Ray Serve (tokenmill[scale]) is not installed")
 
@@ -21,14 +21,7 @@ BODY = {"temperature": 0, "max_tokens": 16,
 
 
 def rank_actors(server) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if any("TensorParallelRank" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return descendants_running(server.proc.pid, "TensorParallelRank")
 
 
 def ask(server, model: str) -> httpx.Response:

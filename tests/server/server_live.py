@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 MODEL_ID = "SmolLM2-135M-Instruct"
@@ -149,3 +150,16 @@ def hang_up_streams(server: Server, count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+
+
+def descendants_running(pid: int, *parts: str) -> list[psutil.Process]:
+    """The processes under `pid` (a server's local Ray's actors, say) one of whose command-line
+    arguments contains every one of `parts`."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if any(all(p in arg for p in parts) for arg in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found

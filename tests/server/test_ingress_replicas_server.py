@@ -19,8 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from server_live import (MAX_MODEL_LEN, MODEL_ID, hang_up_streams, new_key, redis_prefix,
-                         start_server, stop_server)
+from server_live import (MAX_MODEL_LEN, MODEL_ID, descendants_running, hang_up_streams, new_key,
+                         redis_prefix, start_server, stop_server)
 
 PROMPTS = ["Name a colour.", "What is 2 + 2?"]
 
@@ -40,14 +40,7 @@ def application(default_model_path, tmp_path_factory, new_pg_database):
 
 def actors(server, deployment: str) -> list[psutil.Process]:
     """The replica processes of one deployment of this server's local Ray."""
-    found = []
-    for proc in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if any(f"ServeReplica:tokenmill:{deployment}" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return descendants_running(server.proc.pid, f"ServeReplica:tokenmill:{deployment}")
 
 
 def cpu_seconds(process: psutil.Process) -> float:

@@ -16,7 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from server_live import MAX_MODEL_LEN, MODEL_ID, hang_up_streams, start_server, stop_server
+from server_live import (MAX_MODEL_LEN, MODEL_ID, descendants_running, hang_up_streams,
+                         start_server, stop_server)
 
 PROMPTS = ["Name a colour.", "What is 2 + 2?", "Write one word about the sea."]
 LONG_SYSTEM = "You answer in one short sentence, politely and precisely. " * 24  # ~300 tokens
@@ -58,14 +59,7 @@ def streamed_text(server, messages, **body) -> tuple[str, list[dict]]:
 
 def replica_processes(server) -> list[psutil.Process]:
     """The engine replicas' actor processes of this server's local Ray cluster."""
-    found = []
-    for proc in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if any("ServeReplica:" in part and ":engine" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return descendants_running(server.proc.pid, "ServeReplica:", ":engine")
 
 
 def test_two_replicas_give_the_same_greedy_output_as_one_process_streamed_or_not(

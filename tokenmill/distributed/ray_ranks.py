@@ -1,11 +1,11 @@
 """Tensor-parallel ranks 1..K-1 as Ray actors, in the engine's placement group.
 
-An engine replica on Ray Serve that runs K ranks reserves a placement group of K bundles, one per
-rank (its deployment's options, scaleout/cluster.py `ReplicaPlan`); the replica actor, rank 0, takes bundle 0
-and runs the engine. Rank r is an actor that takes bundle r whole, wherever Ray placed it: on
-this node or, across nodes, another (strategy PACK: one node while they fit). Each actor runs the
-same `run_worker` loop as a local worker process, binding gloo to its own node's address and
-meeting rank 0 at its store, on rank 0's node address.
+An engine replica on Ray Serve that runs K ranks reserves a placement group of K bundles, one
+per rank (its deployment's options, scaleout/cluster.py `ReplicaPlan`); the replica actor, rank
+0, takes bundle 0 and runs the engine. Rank r is an actor that takes bundle r whole, wherever Ray
+placed it: on this node or, across nodes, another (strategy PACK: one node while they fit). Each
+actor runs the same `run_worker` loop as a local worker process, binding gloo to its own node's
+address and meeting rank 0 at its store, on rank 0's node address.
 
 Liveness: a rank whose `run` call has ended (returned, raised, or its actor died) is dead; the
 engine's next step raises naming it, as with local processes. Stop: rank 0's stop broadcast,
