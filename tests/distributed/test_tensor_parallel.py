@@ -6,6 +6,7 @@ default model's GGUF), refusals, a worker's death, and a server of 2 ranks answe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -173,6 +174,24 @@ def test_quantized_linears_run_sharded(tiny_checkpoint, real_tokenizer, tmp_path
     finally:
         two.shutdown()
     assert tokens == expected
+
+
+def test_workers_run_rank_0s_linear_plan_without_measuring(tiny_checkpoint, tmp_path,
+                                                           monkeypatch, caplog, capfd):
+    """Rank 0 measures the plan and rank 1 runs the one it was sent: its log (on this process's
+    stderr, at rank 0's level) shows rank 0's plan and no measuring. No plan can be cached
+    (the cache's directory is a file), so a rank that measured would say so."""
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "linear-plans").write_text("")
+    caplog.set_level(logging.INFO)
+    make_engine(tiny_checkpoint("llama"), 2, quantization="int8").shutdown()
+    rank_0 = [r.getMessage() for r in caplog.records if r.name == "tokenmill.runner.model_runner"]
+    worker = [line for line in capfd.readouterr().err.splitlines() if " tp1 " in line]
+    assert any(m.startswith("measuring the linear kernels") for m in caplog.messages)
+    assert not any("measuring the linear kernels" in line for line in worker)
+    [plan] = [m for m in rank_0 if m.startswith("linears: ")]
+    assert any(line.endswith(plan) for line in worker)
 
 
 def test_a_dead_worker_fails_the_step_loudly(tiny_checkpoint, real_tokenizer):

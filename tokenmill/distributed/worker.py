@@ -13,7 +13,9 @@ of two launchers (`RankLauncher`), chosen by one rule (`in_ray_placement_group`)
 Only ray_ranks.py imports Ray, and it is imported only by a process that already has Ray.
 
 Every rank opens the model, keeps its shard of it (`load_rank`) and of the KV cache, and builds
-a ModelRunner over them exactly as rank 0 does. Then each step:
+a ModelRunner over them exactly as rank 0 does, except that on the CPU the workers run rank 0's
+linear plan, the first thing it broadcasts (`share_plan`), instead of measuring their own. Then
+each step:
 
     rank 0:   schedule -> StepInputs -> broadcast -> forward (all-reduces) -> logits -> sample
     rank r:                     receive ----------> forward (all-reduces)
@@ -40,6 +42,7 @@ import multiprocessing.connection
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -53,6 +56,7 @@ from tokenmill.distributed.parallel_state import (COLLECTIVE_TIMEOUT, LOCAL_HOST
                                                   serve_store)
 from tokenmill.models.loader import LoadedModel, OpenedModel, load_weights, open_model
 from tokenmill.runner.input_batch import StepInputs
+from tokenmill.runner.linear_plan import LinearPlan
 from tokenmill.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -220,8 +224,17 @@ class TensorParallelWorkers:
         except BaseException as exc:
             self._fail(exc)
 
-    def broadcast(self, inputs: StepInputs) -> None:
-        """Send one step's inputs to every worker (rank 0 then runs the same forward)."""
+    def share_plan(self, measure: Callable[[], LinearPlan]) -> LinearPlan:
+        """Rank 0's linear plan, measured while the workers wait, sent to each of them
+        (`run_worker`): every rank runs the same kernels at the same row counts, and no two
+        ranks time kernels at once on shared cores."""
+        plan = measure()
+        self.broadcast(plan)
+        return plan
+
+    def broadcast(self, inputs: StepInputs | LinearPlan) -> None:
+        """Send one step's inputs (rank 0 then runs the same forward), or the linear plan, to
+        every worker."""
         try:
             self.group.broadcast(inputs)
         except RuntimeError as exc:
@@ -273,7 +286,8 @@ def run_worker(rank: int, spec: WorkerSpec, port: int, host: str) -> None:
     group = connect(store, rank, spec.size, device, host)
     loaded = load_rank(open_model(spec.model, spec.max_model_len), group, spec.dtype, device)
     runner = ModelRunner(loaded, spec.cache, device, spec.dtype, owns_model=True,
-                         quantization=spec.quantization, kv_dtype=spec.kv_dtype)
+                         quantization=spec.quantization, kv_dtype=spec.kv_dtype,
+                         share_plan=lambda _measure: group.broadcast())  # rank 0's plan
     log.info("rank %d of %d ready (pid %d)", rank, spec.size, os.getpid())
     try:
         group.barrier()

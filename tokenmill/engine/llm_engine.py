@@ -124,9 +124,11 @@ class LLMEngine:
                 loaded = load_rank(opened, self.workers.group, dtype, device)
             elif loaded is None:
                 loaded = load_weights(opened, dtype, device)
+            workers = self.workers
             self.runner = ModelRunner(loaded, self.config.cache, device, dtype, owns_model,
                                       quantization, kv_dtype,
-                                      None if self.workers is None else self.workers.broadcast)
+                                      None if workers is None else workers.broadcast,
+                                      None if workers is None else workers.share_plan)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:

@@ -6,7 +6,7 @@ each row whose chunk reaches its request's last known token, and samples those r
 Under tensor parallelism every rank has a ModelRunner over its shard of the model and of the KV
 cache (its KV heads only). Rank 0's (the engine's) hands each step's inputs to `broadcast` before
 its own forward; a worker runs `forward` on the inputs it receives (distributed/worker.py). Only
-rank 0 computes logits and samples.
+rank 0 computes logits and samples. Every rank runs rank 0's linear plan (`share_plan`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tokenmill.models.default import tokenmill_home
 from tokenmill.models.loader import LoadedModel
 from tokenmill.runner.attention import CpuPagedAttentionMetadata, TorchAttentionMetadata
 from tokenmill.runner.cpu_linear import can_pack, model_copy
-from tokenmill.runner.linear_plan import apply_plan, linear_shapes, plan_for
+from tokenmill.runner.linear_plan import LinearPlan, apply_plan, linear_shapes, plan_for
 from tokenmill.runner.grammar_mask import GrammarMasks
 from tokenmill.runner.input_batch import InputBatch, StepInputs
 from tokenmill.runner.native import paged_decode_attention
@@ -44,14 +44,17 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig, device: torch.device,
                  dtype: torch.dtype, owns_model: bool = False, quantization: str = "none",
                  kv_dtype: torch.dtype | None = None,
-                 broadcast: Callable[[StepInputs], object] | None = None):
+                 broadcast: Callable[[StepInputs], object] | None = None,
+                 share_plan: Callable[[Callable[[], LinearPlan]], LinearPlan] | None = None):
         """`owns_model`: nobody else holds `loaded`, so the CPU float32 path may replace its
         linears in place, freeing each plain weight as it goes, instead of in a copy.
         `quantization` (CPU float32 only): none packs the float32 linears for oneDNN; bf16,
         int8 and int4 run them as runner/linear_plan.py measures best on this CPU; all through
         one plan and `apply_plan`. `kv_dtype`: the KV cache's (None: the model's dtype).
         `broadcast`: tensor-parallel rank 0's, called with each step's inputs before the
-        forward (None: one rank)."""
+        forward (None: one rank). `share_plan`: under tensor parallelism, given the function
+        that measures (or reads) this rank's linear plan, the plan all ranks run: rank 0's,
+        measured there while the workers wait (None: one rank, its own plan)."""
         if cache_config.num_blocks <= 0:
             raise ValueError("cache_config.num_blocks is unresolved; call EngineConfig.resolve")
         c = loaded.config
@@ -77,8 +80,11 @@ class ModelRunner:
                                   else TorchAttentionMetadata)
         if can_pack(device, dtype):
             model = self.model if owns_model else model_copy(self.model)
-            plan = plan_for(quantization, linear_shapes(model), tokenmill_home() / "cache" /
-                            "linear-plans")
+            def measure() -> LinearPlan:
+                return plan_for(quantization, linear_shapes(model),
+                                tokenmill_home() / "cache" / "linear-plans")
+
+            plan = measure() if share_plan is None else share_plan(measure)
             apply_plan(model, plan)
             self.model = model
             log.info("linears: %s", plan.describe())
