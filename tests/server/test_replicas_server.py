@@ -39,8 +39,9 @@ def chat(server, messages, **body) -> httpx.Response:
                             "max_tokens": 12, **body})
 
 
-def streamed_text(server, messages, **body) -> tuple[str, list[dict]]:
-    """The streamed content and every parsed event (error events included)."""
+def streamed_text(server, messages, on_first_event=None, **body) -> tuple[str, list[dict]]:
+    """The streamed content and every parsed event (error events included); `on_first_event`
+    is called once the first event has arrived."""
     import json
 
     events = []
@@ -52,6 +53,8 @@ def streamed_text(server, messages, **body) -> tuple[str, list[dict]]:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[len("data: "):]))
+                if len(events) == 1 and on_first_event is not None:
+                    on_first_event()
     text = "".join(e["choices"][0]["delta"].get("content") or ""
                    for e in events if e.get("choices"))
     return text, events
@@ -124,15 +127,16 @@ def cpu_seconds(process: psutil.Process) -> float:
 def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
     """The replica killed is the busier one (the router may well have sent every request to one
     replica, their prompts sharing the chat template's first blocks): its requests end with an
-    OpenAI error event, any others complete, and none hangs."""
+    OpenAI error event, any others complete, and none hangs. It is killed once every stream has
+    begun, far from its 160th token."""
     processes = replica_processes(replicas)
     outcomes: list[str] = []
-    started = threading.Barrier(9)
+    streaming = threading.Semaphore(0)
 
     def one(i: int) -> None:
-        started.wait()
         text, events = streamed_text(replicas, [{"role": "user", "content": f"Count to {i}."}],
-                                     max_tokens=48, ignore_eos=True)
+                                     on_first_event=streaming.release, max_tokens=160,
+                                     ignore_eos=True)
         errors = [e["error"] for e in events if "error" in e]
         if errors:
             assert errors[0]["code"] == "engine_unavailable", errors
@@ -144,8 +148,8 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
-    started.wait()
-    time.sleep(2)  # the requests are decoding
+    for _ in threads:
+        assert streaming.acquire(timeout=120), "a stream did not begin"
     before = {p: cpu_seconds(p) for p in processes}
     time.sleep(1)
     victim = max(processes, key=lambda p: cpu_seconds(p) - before[p])
@@ -185,3 +189,4 @@ def test_replicas_that_cannot_start_end_serve_with_their_cause_in_one_line(defau
     assert last.endswith("ValueError: --tensor-parallel-size 7 must divide the model's attention "
                          "heads (9), key-value heads (3; they are split, not replicated) and "
                          "intermediate size (1536): 1, 3 would")
+
