@@ -391,7 +391,10 @@ def start_replicas(resolved: list, shares: list[float], args, plan) -> list:
                                             start_cluster, stop_cluster)
     from tokenmill.server.models import ServedModel
 
-    start_cluster(args.ray_address, plan)
+    try:
+        start_cluster(args.ray_address, plan, len(resolved))
+    except DeploymentFailedError as exc:
+        raise UsageError(str(exc)) from None
     served = []
     for model, share, app_name in zip(resolved, shares, replica_app_names(resolved)):
         config = engine_config(model, share, args)

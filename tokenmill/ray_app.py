@@ -79,15 +79,16 @@ def build_application(args: dict):
     if options.ingress_replicas is None:
         options.ingress_replicas = 1
     try:
-        app, _ = application(options)
+        app, _, _ = application(options)
     except UsageError as exc:
         raise ValueError(f"tokenmill: {exc}") from None
     return app
 
 
-def application(args: argparse.Namespace) -> tuple[object, ReplicaPlan]:
-    """The bound application of the parsed serve flags `args`, and its engines' replica plan;
-    UsageError for flags it cannot serve, or a store or Redis out of reach."""
+def application(args: argparse.Namespace) -> tuple[object, ReplicaPlan, int]:
+    """The bound application of the parsed serve flags `args`, its engines' replica plan and
+    how many models (engine deployments) it has; UsageError for flags it cannot serve, or a
+    store or Redis out of reach."""
     check_ingress(args)
     catalog = load_catalog(args.catalog)
     resolved = resolve_specs(catalog, args.model or [DEFAULT_MODEL_ID])
@@ -110,7 +111,7 @@ def application(args: argparse.Namespace) -> tuple[object, ReplicaPlan]:
         num_replicas=args.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=settings.max_pending_sequences,
         graceful_shutdown_timeout_s=settings.drain_timeout_s, health_check_period_s=5)
-    return ingress.bind(args, models, engines), plan
+    return ingress.bind(args, models, engines), plan, len(models)
 
 
 def check_ingress(args: argparse.Namespace) -> None:
@@ -158,12 +159,16 @@ def serve_application(args: argparse.Namespace) -> int:
     delete it (Ray Serve drains every replica). 2 for flags it cannot serve or replicas that
     cannot start."""
     try:
-        app, plan = application(args)
+        app, plan, models = application(args)
     except UsageError as exc:
         print(f"tokenmill serve: {exc}", file=sys.stderr)
         return 2
-    start_cluster(args.ray_address, plan, http=(args.host, args.port),
-                  ingress_replicas=args.ingress_replicas)
+    try:
+        start_cluster(args.ray_address, plan, models, http=(args.host, args.port),
+                      ingress_replicas=args.ingress_replicas)
+    except DeploymentFailedError as exc:
+        print(f"tokenmill serve: {exc}", file=sys.stderr)
+        return 2
     local = args.ray_address is None
     try:
         log.info("starting the %s application: %d ingress replicas", APP_NAME,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tokenmill.cli import UsageError, build_parser, replica_plan
-from tokenmill.scaleout.cluster import ROUTER, ReplicaPlan
+from tokenmill.scaleout.cluster import INGRESS_CPUS, ROUTER, ReplicaPlan, reservations, shortfall
 
 
 def plan(*flags: str):
@@ -81,3 +81,21 @@ def test_a_replica_of_k_ranks_reserves_a_placement_group_of_k_bundles():
     assert gpus["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
     one = plan("--replicas", "1", "--device", "cuda").deployment_options(16)
     assert "placement_group_bundles" not in one and one["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_the_replicas_reserve_every_rank_of_every_replica_of_every_model_and_each_ingress():
+    replicas = plan("--min-replicas", "2", "--max-replicas", "5", "--replica-threads", "4",
+                    "--tensor-parallel-size", "2", "--device", "cuda")
+    wanted = reservations(replicas, models=3, ingress_replicas=2)
+    assert wanted == [{"CPU": 2, "GPU": 1}] * (2 * 2 * 3) + [{"CPU": INGRESS_CPUS}] * 2
+
+
+def test_a_cluster_that_can_never_hold_the_replicas_is_named_and_one_that_can_is_not():
+    two_gpu_nodes = [{"CPU": 8.0, "GPU": 2.0, "memory": 1e10}] * 2
+    rank = {"CPU": 2, "GPU": 1}
+    assert shortfall([rank] * 4 + [{"CPU": 1}] * 4, two_gpu_nodes) is None
+    assert shortfall([rank] * 5, two_gpu_nodes) == ("they reserve 5 GPU in all, and the cluster "
+                                                    "has 4")
+    assert shortfall([{"CPU": 9}], two_gpu_nodes) == "no node has 9 CPU for one bundle"
+    assert shortfall([rank], [{"CPU": 16.0}]) == "no node has 2 CPU, 1 GPU for one bundle"
+    assert shortfall([], []) is None

@@ -15,6 +15,7 @@ import time
 import httpx
 import psutil
 import pytest
+import torch
 
 from server_live import (MAX_MODEL_LEN, MODEL_ID, descendants_running, hang_up_streams,
                          start_server, stop_server)
@@ -190,3 +191,22 @@ def test_replicas_that_cannot_start_end_serve_with_their_cause_in_one_line(defau
                          "heads (9), key-value heads (3; they are split, not replicated) and "
                          "intermediate size (1536): 1, 3 would")
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU for the replica")
+def test_replicas_this_machine_cannot_hold_end_serve_at_once_instead_of_waiting_for_ever(
+        default_model_path, tmp_path):
+    """A replica that wants a GPU, on a machine without one: Ray Serve would wait for ever for
+    it to be scheduled; serve exits 2 before deploying anything, naming what is missing."""
+    import subprocess
+
+    from server_live import free_port, tokenmill_command
+
+    done = subprocess.run(tokenmill_command() + [
+        "serve", "--model", str(default_model_path), "--no-auth", "--port", str(free_port()),
+        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
+        "--device", "cuda"], env=dict(os.environ, TOKENMILL_HOME=str(tmp_path)),
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "tokenmill serve: this machine cannot hold the replicas: no node has 1 CPU, 1 GPU for "
+        "one bundle")

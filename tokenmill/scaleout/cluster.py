@@ -60,6 +60,11 @@ class ReplicaPlan:
     def replica_cpus(self) -> int:
         return self.rank_cpus * self.ranks
 
+    @property
+    def rank_bundle(self) -> dict[str, int]:
+        """What each rank reserves, in Ray's resource names."""
+        return {"CPU": self.rank_cpus} | ({"GPU": 1} if self.gpu_per_rank else {})
+
     def deployment_options(self, block_size: int) -> dict:
         """Ray Serve's options of the engine deployment. A replica of K > 1 ranks reserves a
         placement group of K bundles, one per rank (its own actor takes bundle 0, its workers
@@ -68,11 +73,9 @@ class ReplicaPlan:
                    else {"autoscaling_config": AutoscalingConfig(
                        min_replicas=self.min_replicas, max_replicas=self.max_replicas,
                        target_ongoing_requests=self.target_ongoing_requests)})
-        rank_cpus = self.rank_cpus
-        actor = {"num_cpus": rank_cpus} | ({"num_gpus": 1} if self.gpu_per_rank else {})
+        actor = {"num_cpus": self.rank_cpus} | ({"num_gpus": 1} if self.gpu_per_rank else {})
         placement = {} if self.ranks == 1 else {
-            "placement_group_bundles": [
-                {"CPU": rank_cpus} | ({"GPU": 1} if self.gpu_per_rank else {})] * self.ranks,
+            "placement_group_bundles": [self.rank_bundle] * self.ranks,
             "placement_group_strategy": "PACK"}
         return {**scaling, **placement, "max_ongoing_requests": self.max_ongoing_requests,
                 "ray_actor_options": actor,
@@ -82,24 +85,64 @@ class ReplicaPlan:
                     request_router_kwargs={"block_size": block_size})}
 
 
-def start_cluster(address: str | None, plan: ReplicaPlan, http: tuple[str, int] | None = None,
-                  ingress_replicas: int = 0) -> None:
-    """Connect to the cluster at `address`, or start a local one sized for the plan and the
-    ingress replicas; start Ray Serve, with its HTTP proxy on `http` (host, port) when the
-    ingress is a deployment (tokenmill/ray_app.py), else without (this process is the ingress)."""
+def start_cluster(address: str | None, plan: ReplicaPlan, models: int,
+                  http: tuple[str, int] | None = None, ingress_replicas: int = 0) -> None:
+    """Connect to the cluster at `address`, or start a local one sized for the plan's replicas
+    of `models` models and the ingress replicas; start Ray Serve, with its HTTP proxy on `http`
+    (host, port) when the ingress is a deployment (tokenmill/ray_app.py), else without (this
+    process is the ingress).
+
+    What the replicas reserve is checked against the cluster first (`shortfall`): Ray Serve
+    would wait for ever for resources that are not there. A local cluster that lacks them (a
+    GPU per rank on a machine with fewer) is DeploymentFailedError; a cluster at `address` is
+    warned about, since an autoscaler may yet add nodes."""
+    wanted = reservations(plan, models, ingress_replicas)
     if address is None:  # logical CPUs: the reservations must fit, whatever the cores
-        cpus = max(os.cpu_count() or 1,
-                   plan.max_replicas * plan.replica_cpus + ingress_replicas * INGRESS_CPUS)
+        cpus = max(os.cpu_count() or 1, sum(bundle["CPU"] for bundle in wanted))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray cluster with %d logical CPUs", cpus)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", address)
+    missing = shortfall(wanted, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    if missing is not None and address is None:
+        ray.shutdown()
+        raise DeploymentFailedError(f"this machine cannot hold the replicas: {missing}")
+    if missing is not None:
+        log.warning("the cluster at %s cannot hold the replicas yet (%s): they wait until it "
+                    "can; `ray status` shows what is pending", address, missing)
     if http is None:
         serve.start(proxy_location="Disabled")
     else:
         host, port = http
         serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+
+
+def reservations(plan: ReplicaPlan, models: int, ingress_replicas: int) -> list[dict]:
+    """Every bundle the deployments reserve at their least replicas: each rank of each engine
+    replica of each model, and each ingress replica."""
+    engines = [plan.rank_bundle] * (plan.ranks * plan.min_replicas * models)
+    return engines + [{"CPU": INGRESS_CPUS}] * ingress_replicas
+
+
+def shortfall(wanted: list[dict], nodes: list[dict]) -> str | None:
+    """Why the bundles `wanted` can never all be placed on nodes of these total resources, or
+    None. Two exact tests, never a refusal of a placement that exists: a bundle that no node
+    can hold, and a resource of which all the bundles want more than all the nodes have."""
+    for bundle in wanted:
+        if not any(all(node.get(name, 0) >= amount for name, amount in bundle.items())
+                   for node in nodes):
+            return f"no node has {_resources(bundle)} for one bundle"
+    for name in sorted({name for bundle in wanted for name in bundle}):
+        need = sum(bundle.get(name, 0) for bundle in wanted)
+        have = sum(node.get(name, 0) for node in nodes)
+        if need > have:
+            return f"they reserve {need:g} {name} in all, and the cluster has {have:g}"
+    return None
+
+
+def _resources(bundle: dict) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
 
 
 def engine_deployment(config: EngineConfig, plan: ReplicaPlan, failures: dict,
