@@ -86,8 +86,10 @@ def test_a_replica_of_k_ranks_reserves_a_placement_group_of_k_bundles():
 def test_the_replicas_reserve_every_rank_of_every_replica_of_every_model_and_each_ingress():
     replicas = plan("--min-replicas", "2", "--max-replicas", "5", "--replica-threads", "4",
                     "--tensor-parallel-size", "2", "--device", "cuda")
-    wanted = reservations(replicas, models=3, ingress_replicas=2)
-    assert wanted == [{"CPU": 2, "GPU": 1}] * (2 * 2 * 3) + [{"CPU": INGRESS_CPUS}] * 2
+    least = reservations(replicas, models=3, ingress_replicas=2, replicas=2)
+    assert least == [{"CPU": 2, "GPU": 1}] * (2 * 2 * 3) + [{"CPU": INGRESS_CPUS}] * 2
+    most = reservations(replicas, models=3, ingress_replicas=0, replicas=5)
+    assert most == [{"CPU": 2, "GPU": 1}] * (2 * 5 * 3)
 
 
 def test_a_cluster_that_can_never_hold_the_replicas_is_named_and_one_that_can_is_not():

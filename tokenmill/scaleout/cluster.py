@@ -92,19 +92,21 @@ def start_cluster(address: str | None, plan: ReplicaPlan, models: int,
     (host, port) when the ingress is a deployment (tokenmill/ray_app.py), else without (this
     process is the ingress).
 
-    What the replicas reserve is checked against the cluster first (`shortfall`): Ray Serve
-    would wait for ever for resources that are not there. A local cluster that lacks them (a
+    What the least replicas reserve is checked against the cluster first (`shortfall`): Ray
+    Serve would wait for ever for resources that are not there. (The local Ray has CPUs for the
+    most replicas; GPUs are the machine's.) A local cluster that lacks them (a
     GPU per rank on a machine with fewer) is DeploymentFailedError; a cluster at `address` is
     warned about, since an autoscaler may yet add nodes."""
-    wanted = reservations(plan, models, ingress_replicas)
-    if address is None:  # logical CPUs: the reservations must fit, whatever the cores
-        cpus = max(os.cpu_count() or 1, sum(bundle["CPU"] for bundle in wanted))
+    if address is None:  # logical CPUs: the most replicas must fit, whatever the cores
+        most = reservations(plan, models, ingress_replicas, plan.max_replicas)
+        cpus = max(os.cpu_count() or 1, sum(bundle["CPU"] for bundle in most))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray cluster with %d logical CPUs", cpus)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", address)
-    missing = shortfall(wanted, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+    missing = shortfall(reservations(plan, models, ingress_replicas, plan.min_replicas),
+                        [node["Resources"] for node in ray.nodes() if node["Alive"]])
     if missing is not None and address is None:
         ray.shutdown()
         raise DeploymentFailedError(f"this machine cannot hold the replicas: {missing}")
@@ -118,10 +120,11 @@ def start_cluster(address: str | None, plan: ReplicaPlan, models: int,
         serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
 
 
-def reservations(plan: ReplicaPlan, models: int, ingress_replicas: int) -> list[dict]:
-    """Every bundle the deployments reserve at their least replicas: each rank of each engine
-    replica of each model, and each ingress replica."""
-    engines = [plan.rank_bundle] * (plan.ranks * plan.min_replicas * models)
+def reservations(plan: ReplicaPlan, models: int, ingress_replicas: int,
+                 replicas: int) -> list[dict]:
+    """Every bundle the deployments reserve with `replicas` engine replicas per model: each rank
+    of each engine replica of each model, and each ingress replica."""
+    engines = [plan.rank_bundle] * (plan.ranks * replicas * models)
     return engines + [{"CPU": INGRESS_CPUS}] * ingress_replicas
 
 
