@@ -2,7 +2,7 @@
 engine of 2 ranks in a Ray actor in bundle 0 of a placement group of 2 CPU bundles (as Ray Serve
 places an engine replica), its rank 1 a Ray actor in bundle 1. It samples one rank's greedy
 tokens, and a killed rank 1 fails its next step naming it. Outside a placement group the ranks
-stay local processes."""
+are not placed by Ray (the rule by which the engine then starts local processes)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,6 @@ def test_a_killed_rank_fails_the_next_step_naming_it(placed_engine, real_tokeniz
     placed_engine.shutdown()  # safe after a rank died
 
 
-def test_outside_a_placement_group_ranks_are_local_processes(local_ray):
+def test_a_process_with_ray_but_outside_a_placement_group_is_not_placed_by_ray(local_ray):
     assert ray.is_initialized() and not in_ray_placement_group()
 

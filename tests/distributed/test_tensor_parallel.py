@@ -194,6 +194,26 @@ def test_workers_run_rank_0s_linear_plan_without_measuring(tiny_checkpoint, tmp_
     assert any(line.endswith(plan) for line in worker)
 
 
+def test_rank_0_failing_before_its_plan_stops_the_workers_cleanly_with_its_own_error(
+        tiny_checkpoint, tmp_path, monkeypatch, caplog, capfd):
+    """Rank 0's own shard fails to load after the workers started: the caller gets that error,
+    and rank 1, waiting for the linear plan, takes the stop message for what it is (no
+    traceback of its own burying rank 0's)."""
+    import tokenmill.engine.llm_engine as llm_engine
+
+    def broken(*args):
+        raise OSError("rank 0's shard is unreadable")
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
+    monkeypatch.setattr(llm_engine, "load_rank", broken)
+    caplog.set_level(logging.INFO)  # the workers log at rank 0's level
+    with pytest.raises(OSError, match="rank 0's shard is unreadable"):
+        make_engine(tiny_checkpoint("llama"), 2, quantization="int8")
+    err = capfd.readouterr().err
+    assert "rank 1 stops: rank 0 stopped before the engine was ready" in err
+    assert "Traceback" not in err
+
+
 def test_a_dead_worker_fails_the_step_loudly(tiny_checkpoint, real_tokenizer):
     engine = make_engine(tiny_checkpoint("llama"), 2)
     try:

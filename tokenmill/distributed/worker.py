@@ -196,7 +196,7 @@ class TensorParallelWorkers:
         self._store = serve_store(spec.store_host, spec.size)
         self.ranks: RankLauncher = launch_ranks(spec, self._store.port)
         try:
-            self._wait_started()
+            self._wait_for("started", "start")
             self.group = connect(self._store, 0, spec.size, rank_device(spec, 0),
                                  spec.store_host)
         except BaseException as exc:
@@ -204,16 +204,17 @@ class TensorParallelWorkers:
         log.info("tensor parallelism: %d ranks, workers' %s, %d torch threads each",
                  spec.size, self.ranks.describe(), spec.num_threads)
 
-    def _wait_started(self) -> None:
-        """Wait until every worker has started and reached the store, so that one failing on
-        the way (an import, the main module under spawn) is reported now, not after the groups'
-        timeout."""
-        keys = [f"started/{rank}" for rank in range(1, self.spec.size)]
+    def _wait_for(self, stage: str, doing: str) -> None:
+        """Wait until every worker has set its `stage` key in the store (started: it reached
+        the store; loaded: its shard and KV cache are built), so that one failing on the way
+        (an import, the main module under spawn, its shard) is reported now, not after the
+        groups' timeout."""
+        keys = [f"{stage}/{rank}" for rank in range(1, self.spec.size)]
         deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
         while not self._store.check(keys):
             self.check()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"tensor-parallel workers did not start within "
+                raise TimeoutError(f"tensor-parallel workers did not {doing} within "
                                    f"{COLLECTIVE_TIMEOUT.total_seconds():g} s")
             time.sleep(0.05)
 
@@ -225,9 +226,10 @@ class TensorParallelWorkers:
             self._fail(exc)
 
     def share_plan(self, measure: Callable[[], LinearPlan]) -> LinearPlan:
-        """Rank 0's linear plan, measured while the workers wait, sent to each of them
-        (`run_worker`): every rank runs the same kernels at the same row counts, and no two
-        ranks time kernels at once on shared cores."""
+        """Rank 0's linear plan, sent to each worker (`run_worker`): every rank runs the same
+        kernels at the same row counts. It is measured once every worker has built its shard
+        and waits for the plan, so that no other rank's work shares the cores meanwhile."""
+        self._wait_for("loaded", "load their shards")
         plan = measure()
         self.broadcast(plan)
         return plan
@@ -285,14 +287,28 @@ def run_worker(rank: int, spec: WorkerSpec, port: int, host: str) -> None:
     store.set(f"started/{rank}", str(os.getpid()))
     group = connect(store, rank, spec.size, device, host)
     loaded = load_rank(open_model(spec.model, spec.max_model_len), group, spec.dtype, device)
-    runner = ModelRunner(loaded, spec.cache, device, spec.dtype, owns_model=True,
-                         quantization=spec.quantization, kv_dtype=spec.kv_dtype,
-                         share_plan=lambda _measure: group.broadcast())  # rank 0's plan
-    log.info("rank %d of %d ready (pid %d)", rank, spec.size, os.getpid())
+
+    def rank_0s_plan(_measure) -> LinearPlan:
+        store.set(f"loaded/{rank}", str(os.getpid()))  # rank 0 may measure now
+        plan = group.broadcast()
+        if plan is None:  # rank 0 failed before measuring: its stop message
+            raise _StoppedBeforeReady
+        return plan
+
     try:
+        runner = ModelRunner(loaded, spec.cache, device, spec.dtype, owns_model=True,
+                             quantization=spec.quantization, kv_dtype=spec.kv_dtype,
+                             share_plan=rank_0s_plan)
+        log.info("rank %d of %d ready (pid %d)", rank, spec.size, os.getpid())
         group.barrier()
         while (inputs := group.broadcast()) is not None:
             runner.forward(inputs)
+    except _StoppedBeforeReady:
+        log.info("rank %d stops: rank 0 stopped before the engine was ready", rank)
     except RuntimeError as exc:  # rank 0 left, or a collective failed: this rank cannot go on
         log.error("rank %d stops: %s", rank, exc)
         raise SystemExit(1) from None
+
+
+class _StoppedBeforeReady(Exception):
+    """Rank 0 sent its stop message where a worker waited for the linear plan."""
