@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -17,8 +18,8 @@ import psutil
 import pytest
 import torch
 
-from server_live import (MAX_MODEL_LEN, MODEL_ID, descendants_running, hang_up_streams,
-                         start_server, stop_server)
+from server_live import (MAX_MODEL_LEN, MODEL_ID, descendants_running, free_port,
+                         hang_up_streams, start_server, stop_server, tokenmill_command)
 
 PROMPTS = ["Name a colour.", "What is 2 + 2?", "Write one word about the sea."]
 LONG_SYSTEM = "You answer in one short sentence, politely and precisely. " * 24  # ~300 tokens
@@ -171,21 +172,23 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(replicas):
         assert chat(replicas, [{"role": "user", "content": prompt}]).status_code == 200
 
 
+def refused_replica(model_path, home, *flags: str) -> str:
+    """Run `tokenmill serve` of one one-thread replica with `flags`, which it must refuse with
+    status 2; the last line it printed."""
+    done = subprocess.run(tokenmill_command() + [
+        "serve", "--model", str(model_path), "--no-auth", "--port", str(free_port()),
+        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1", *flags],
+        env=dict(os.environ, TOKENMILL_HOME=str(home)), capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
 def test_replicas_that_cannot_start_end_serve_with_their_cause_in_one_line(default_model_path,
                                                                           tmp_path):
     """7 ranks cannot split 9 attention heads: each replica's engine raises, Ray Serve gives up,
     and serve exits 2 naming the cause, not with Ray's report of the replicas' tracebacks."""
-    import subprocess
-
-    from server_live import free_port, tokenmill_command
-
-    done = subprocess.run(tokenmill_command() + [
-        "serve", "--model", str(default_model_path), "--no-auth", "--port", str(free_port()),
-        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
-        "--tensor-parallel-size", "7"], env=dict(os.environ, TOKENMILL_HOME=str(tmp_path)),
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
+    last = refused_replica(default_model_path, tmp_path, "--tensor-parallel-size", "7")
     assert last.startswith("tokenmill serve: cannot serve SmolLM2-135M-Instruct from ")
     assert last.endswith("ValueError: --tensor-parallel-size 7 must divide the model's attention "
                          "heads (9), key-value heads (3; they are split, not replicated) and "
@@ -197,16 +200,6 @@ def test_replicas_this_machine_cannot_hold_end_serve_at_once_instead_of_waiting_
         default_model_path, tmp_path):
     """A replica that wants a GPU, on a machine without one: Ray Serve would wait for ever for
     it to be scheduled; serve exits 2 before deploying anything, naming what is missing."""
-    import subprocess
-
-    from server_live import free_port, tokenmill_command
-
-    done = subprocess.run(tokenmill_command() + [
-        "serve", "--model", str(default_model_path), "--no-auth", "--port", str(free_port()),
-        "--kv-cache-gib", "0.25", "--replicas", "1", "--replica-threads", "1",
-        "--device", "cuda"], env=dict(os.environ, TOKENMILL_HOME=str(tmp_path)),
-        capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+    assert refused_replica(default_model_path, tmp_path, "--device", "cuda") == (
         "tokenmill serve: this machine cannot hold the replicas: no node has 1 CPU, 1 GPU for "
         "one bundle")

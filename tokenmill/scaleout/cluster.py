@@ -57,10 +57,6 @@ class ReplicaPlan:
         return max(1, self.threads // self.ranks)
 
     @property
-    def replica_cpus(self) -> int:
-        return self.rank_cpus * self.ranks
-
-    @property
     def rank_bundle(self) -> dict[str, int]:
         """What each rank reserves, in Ray's resource names."""
         return {"CPU": self.rank_cpus} | ({"GPU": 1} if self.gpu_per_rank else {})
@@ -93,10 +89,10 @@ def start_cluster(address: str | None, plan: ReplicaPlan, models: int,
     process is the ingress).
 
     What the least replicas reserve is checked against the cluster first (`shortfall`): Ray
-    Serve would wait for ever for resources that are not there. (The local Ray has CPUs for the
-    most replicas; GPUs are the machine's.) A local cluster that lacks them (a
-    GPU per rank on a machine with fewer) is DeploymentFailedError; a cluster at `address` is
-    warned about, since an autoscaler may yet add nodes."""
+    Serve would wait for ever for resources that are not there. A local cluster (CPUs for the
+    most replicas, the machine's GPUs) that lacks them, a GPU per rank on a machine with fewer
+    say, is DeploymentFailedError; a cluster at `address` is warned about, since an autoscaler
+    may yet add nodes."""
     if address is None:  # logical CPUs: the most replicas must fit, whatever the cores
         most = reservations(plan, models, ingress_replicas, plan.max_replicas)
         cpus = max(os.cpu_count() or 1, sum(bundle["CPU"] for bundle in most))
